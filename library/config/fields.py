@@ -10,10 +10,10 @@ from typing import Any
 def opt(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field with a default and a help line (shown by --help and --print-config).
 
-    Mutable defaults (lists, dicts) are copied per instance.
+    Mutable defaults (lists, dicts, nested table dataclasses) are copied per instance.
     """
     meta = {"help": help, **metadata}
-    if isinstance(default, (list, dict, set)):
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
