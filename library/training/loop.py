@@ -1,0 +1,367 @@
+"""The one training loop every script shares.
+
+One optimizer step:
+  method.before_step -> for each of `gradient_accumulation_steps` batches: latents (cached, or encoded by the VAE) ->
+  text conditioning (cached while the text encoders are frozen) -> objective.prepare (noise, timesteps, target) ->
+  UNet -> objective.loss (per-sample weights, masks, min-SNR, ...) -> backward
+  -> non-finite guard -> gradient clipping -> optimizer and LR-scheduler step -> EMA -> method.after_optimizer_step
+  -> log -> save (result + resume state) / sample when due.
+Everything random draws from one noise generator, the data order and caption RNG are keyed by (seed, epoch, index),
+and all of it is saved in resume states, so a resumed run continues bit-identically (CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from library.config.optim import OptimizerConfig, SchedulerConfig
+from library.config.train import LogConfig, SampleConfig, SaveConfig, TrainConfig
+from library.errors import UserError
+from library.models.model import SDModel
+from library.training import state as st
+from library.training.ema import EMA
+from library.training.method import Method
+from library.training.setup import configure_unet, effective_precision, make_accelerator, pick_device, weight_dtype
+
+
+class TrainingStopped(UserError):
+    """Training stopped on purpose (e.g. repeated non-finite losses); the last good state was saved."""
+
+    exit_code = 3
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # mean loss of each optimizer step this process ran
+    result_path: Path | None
+    nan_steps: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: wall, compute, save, sample
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs besides the model, method and data: the config sections it reads."""
+
+    train: TrainConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    save: SaveConfig
+    sample: SampleConfig
+    log: LogConfig
+    clip_skip: int = 1
+    resolution: int = 512
+    metadata: dict[str, str] = field(default_factory=dict)  # written into every saved result
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_train_epochs > 0:
+        return cfg.max_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    return cfg.max_train_steps
+
+
+def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSettings) -> TrainResult:
+    from library.models.text import encode_text, sdxl_time_ids, tokenize
+    from library.training.optim import build_optimizer, build_scheduler
+
+    cfg = s.train
+    device = pick_device(cfg)
+    precision = effective_precision(cfg, device)
+    accelerator = make_accelerator(cfg, device, precision)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(s.save.output_dir)
+
+    groups = method.setup(model)
+    trained = [p for g in groups for p in g["params"]]
+    _place(model, device, weight_dtype(precision), trained, full_bf16=cfg.full_bf16)
+    configure_unet(model.unet, cfg, device)
+    steps_total = total_steps(cfg, data.steps_per_epoch)
+    optimizer = build_optimizer(groups, s.optimizer)
+    lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
+    modules = method.modules_to_prepare(model)
+    if accelerator.num_processes > 1:
+        wrapped = accelerator.prepare(*modules)
+        wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+    else:
+        wrapped = modules  # no DDP wrapper; autocast is applied explicitly below
+    unet_call = wrapped[[m is model.unet for m in modules].index(True)] if model.unet in modules else model.unet
+    optimizer = accelerator.prepare(optimizer)
+    ema = EMA(trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) if cfg.ema else None
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    counters = st.Counters()
+    resume_dir = st.find_resume_dir(cfg.resume, out_dir)
+    if resume_dir is not None:
+        counters, trainable, saved = st.load_state(resume_dir)
+        method.load_trainable_state(model, trainable)
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_scheduler.load_state_dict(saved["scheduler"])
+        data.load_state_dict(saved["data"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict(saved["ema"])
+        st.set_rng_state(saved["rng"], noise_gen)
+        _say(accelerator, f"resumed from {resume_dir} at step {counters.step}")
+    else:
+        data.set_epoch(0)
+
+    prompts = _sample_prompts(s)
+    writer = _writer(s, out_dir) if accelerator.is_main_process else None
+    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    autocast = accelerator.autocast if precision != "no" else nullcontext
+    losses: list[float] = []
+    timings = {"compute": 0.0, "save": 0.0, "sample": 0.0}
+    consecutive_nan = 0
+    result_path: Path | None = None
+    batches = _batch_stream(data, counters)
+    bar = _progress(s, accelerator, counters.step, steps_total)
+    wall0 = time.perf_counter()
+
+    def text_cond(captions: list[str], step: int):
+        if method.trains_text_encoder(step):
+            c = encode_text(model, [t.to(device) for t in tokenize(model, captions)], clip_skip=s.clip_skip)
+            return c.hidden, c.pooled
+        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+        if missing:
+            with torch.no_grad(), autocast():
+                c = encode_text(model, [t.to(device) for t in tokenize(model, missing)], clip_skip=s.clip_skip)
+            for i, cap in enumerate(missing):
+                if len(text_cache) < 50_000:  # bounded: shuffled/dropped captions rarely repeat
+                    text_cache[cap] = (c.hidden[i], None if c.pooled is None else c.pooled[i])
+                else:
+                    return c.hidden, c.pooled  # cache full; encode live (all captions of this batch)
+        hidden = torch.stack([text_cache[c][0] for c in captions])
+        pooled = None if text_cache[captions[0]][1] is None else torch.stack([text_cache[c][1] for c in captions])
+        return hidden, pooled
+
+    def micro_step(batch: dict, step: int) -> tuple[torch.Tensor, bool]:
+        latents = batch["latents"].to(device) if "latents" in batch else _encode(model, batch["pixels"].to(device),
+                                                                                   noise_gen)
+        hidden, pooled = text_cond(batch["captions"], step)
+        prepared = objective.prepare(latents.float(), noise_gen)
+        added = None
+        if model.family == "sdxl":
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(device, hidden.dtype)}
+        with autocast():
+            pred = unet_call(prepared.noisy_latents, prepared.timesteps, encoder_hidden_states=hidden,
+                             added_cond_kwargs=added, return_dict=False)[0]
+        masks = batch.get("masks")
+        loss, _ = objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
+                                 weights=batch["loss_weights"].to(device))
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        return loss.detach(), finite
+
+    for m in modules:
+        m.train()
+    try:
+        while counters.step < steps_total:
+            t0 = time.perf_counter()
+            method.before_step(model, counters.step)
+            step_losses, all_finite, epoch_end = [], True, False
+            for _ in range(cfg.gradient_accumulation_steps):
+                counters.epoch, batch, epoch_end = next(batches)
+                loss, finite = micro_step(batch, counters.step)
+                step_losses.append(float(loss))
+                all_finite &= finite
+            if not all_finite:
+                optimizer.zero_grad(set_to_none=True)
+                counters.nan_steps += 1
+                consecutive_nan += 1
+                _say(accelerator, f"step {counters.step + 1}: non-finite loss, step skipped "
+                                  f"({consecutive_nan} in a row, {counters.nan_steps} in total)")
+                if consecutive_nan >= cfg.max_consecutive_nan_steps:
+                    _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator,
+                          with_result=False)
+                    raise TrainingStopped(
+                        f"{consecutive_nan} non-finite losses in a row at step {counters.step + 1}; stopped, and the "
+                        f"last good state is saved under {st.state_root(out_dir)} (resume with train.resume = 'auto'). "
+                        "Usual fixes: a lower optimizer.learning_rate, train.mixed_precision = 'bf16' instead of "
+                        "'fp16', optimizer.max_grad_norm = 1.0, or a VAE that does not overflow in fp16.")
+                continue
+            consecutive_nan = 0
+            if s.optimizer.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trained, s.optimizer.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step()
+            extra_logs = method.after_optimizer_step(model, counters.step)
+            counters.step += 1
+            timings["compute"] += time.perf_counter() - t0
+            mean_loss = sum(step_losses) / len(step_losses)
+            losses.append(mean_loss)
+            _log(writer, bar, s, counters.step, mean_loss, lr_scheduler.get_last_lr(), extra_logs)
+
+            done = counters.step >= steps_total
+            if not done and _due(counters.step, s.save.save_every_n_steps, epoch_end, counters.epoch,
+                                 s.save.save_every_n_epochs):
+                t = time.perf_counter()
+                _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator,
+                      with_result=True)
+                timings["save"] += time.perf_counter() - t
+            if prompts and not done and _due(counters.step, s.sample.sample_every_n_steps, epoch_end,
+                                             counters.epoch, s.sample.sample_every_n_epochs):
+                t = time.perf_counter()
+                _sample(model, modules, prompts, s, out_dir, f"step{counters.step:08d}", accelerator)
+                timings["sample"] += time.perf_counter() - t
+        t = time.perf_counter()
+        result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator,
+                            with_result=True, final=True)
+        timings["save"] += time.perf_counter() - t
+        if prompts and s.sample.sample_at_end:
+            t = time.perf_counter()
+            _sample(model, modules, prompts, s, out_dir, f"final_step{counters.step:08d}", accelerator)
+            timings["sample"] += time.perf_counter() - t
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    timings["wall"] = time.perf_counter() - wall0
+    accelerator.end_training()
+    return TrainResult(counters.step, losses, result_path, counters.nan_steps, timings)
+
+
+def _place(model: SDModel, device: torch.device, dtype: torch.dtype, trained: list, full_bf16: bool) -> None:
+    """Frozen weights in the autocast dtype (less memory), trained ones in fp32 (or bf16 with full_bf16)."""
+    trained_ids = {id(p) for p in trained}
+    for module in [model.unet, *model.text_encoders]:
+        module.to(device)
+        for p in module.parameters():
+            if id(p) in trained_ids:
+                p.data = p.data.to(torch.bfloat16 if full_bf16 else torch.float32)
+            elif p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    model.vae.to(device, torch.float32)  # the SD/SDXL VAEs overflow in fp16; encoding is not the bottleneck
+    for enc in model.text_encoders:
+        enc.eval()
+    model.vae.eval()
+
+
+@torch.no_grad()
+def _encode(model: SDModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    dist = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist
+    latents = dist.sample(generator=generator)
+    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * model.vae.config.scaling_factor
+
+
+def _batch_stream(data: Any, counters: st.Counters) -> Iterator[tuple[int, dict, bool]]:
+    """(epoch, batch, last batch of its epoch) forever, continuing from the data's (possibly restored) position.
+
+    The position within the epoch is kept in `counters.extra["batch_in_epoch"]` (saved with resume states); no
+    look-ahead, so the data's own position always equals the batches really consumed.
+    """
+    epoch = counters.epoch
+    while True:
+        for batch in data:
+            pos = counters.extra.get("batch_in_epoch", 0) + 1
+            counters.extra["batch_in_epoch"] = pos
+            yield epoch, batch, pos >= data.steps_per_epoch
+        epoch += 1
+        counters.extra["batch_in_epoch"] = 0
+        data.set_epoch(epoch)
+
+
+def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs: int) -> bool:
+    """Every N steps, or at the end of every N-th epoch (`epoch` is 0-based, so epoch + 1 epochs are complete)."""
+    return (every_steps > 0 and step % every_steps == 0) or (
+        epoch_end and every_epochs > 0 and (epoch + 1) % every_epochs == 0)
+
+
+def _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator, *,
+          with_result: bool, final: bool = False) -> Path | None:
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        out_dir = Path(s.save.output_dir)
+        if with_result:
+            stem = out_dir / (s.save.output_name if final else f"{s.save.output_name}-step{counters.step:08d}")
+            meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
+            with ema.applied() if ema is not None else nullcontext():
+                path = method.save_result(model, stem, meta)
+            if not final and s.save.save_last_n > 0:
+                _prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
+        if s.save.save_state or not with_result:
+            st.save_state(out_dir, counters, method.trainable_state(model), {
+                "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
+                "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
+                "rng": st.rng_state(noise_gen)}, keep_last=s.save.save_last_n)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _prune_results(out_dir: Path, name: str, suffix: str, keep: int) -> None:
+    import shutil
+
+    old = sorted(out_dir.glob(f"{name}-step*{suffix}"))
+    for p in old[:-keep]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _sample_prompts(s: LoopSettings):
+    from library.training.sample import SamplePrompt, read_prompts
+
+    side = s.resolution
+    defaults = SamplePrompt(prompt="", width=s.sample.width or side, height=s.sample.height or side,
+                            seed=s.sample.seed, steps=s.sample.steps, cfg_scale=s.sample.cfg_scale)
+    return read_prompts(s.sample.prompts, s.sample.prompts_file, defaults)
+
+
+def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, accelerator) -> None:
+    from library.training.sample import generate, save_images
+
+    if not accelerator.is_main_process:
+        return
+    for m in modules:
+        m.eval()
+    try:
+        images = generate(model, prompts, sampler=s.sample.sampler, base_seed=s.train.seed, clip_skip=s.clip_skip)
+        save_images(images, prompts, out_dir / "sample", tag)
+    finally:
+        for m in modules:
+            m.train()
+
+
+def _writer(s: LoopSettings, out_dir: Path):
+    if s.log.log_with != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=s.log.logging_dir or str(out_dir / "logs"))
+
+
+def _progress(s: LoopSettings, accelerator, start: int, total: int):
+    if not (s.log.progress_bar and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="steps", dynamic_ncols=True, file=sys.stderr)
+
+
+def _log(writer, bar, s: LoopSettings, step: int, loss: float, lrs: list[float], extra: dict[str, float]) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)
+    if writer is not None and step % max(1, s.log.log_every_n_steps) == 0:
+        writer.add_scalar("loss/step", loss, step)
+        for i, lr in enumerate(lrs):
+            writer.add_scalar(f"lr/group{i}", lr, step)
+        for k, v in extra.items():
+            writer.add_scalar(k, v, step)
+
+
+def _say(accelerator, msg: str) -> None:
+    if accelerator.is_main_process:
+        print(msg, file=sys.stderr)
