@@ -180,7 +180,8 @@ def _unknown_flag(arg: str, root_cls: type, aliases: dict[str, str], extra: dict
     keys = [o.path for o in iter_options(root_cls) if isinstance(o, Option)]
     names = keys + list(aliases) + list(SCRIPT_FLAGS) + list(extra) + ["config"]
     leaf = name.rpartition(".")[2]
-    close = [k for k in keys if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(name, names, n=3)
+    # an sd-scripts name without an alias usually is the leaf of one key (--max_train_steps -> train.max_train_steps)
+    close = [k for k in keys if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(name, names, n=1)
     hint = f" Did you mean {' or '.join('--' + c for c in close)}?" if close else ""
     return f"unknown option --{name}.{hint} Run with --help to list every option."
 
