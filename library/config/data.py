@@ -1,0 +1,113 @@
+"""The `[data]` table: where the images are, how they are bucketed, how captions are transformed, what is cached.
+
+Keys shared with sd-scripts keep sd-scripts' names and meanings (its `--train_data_dir`, `--reg_data_dir`,
+`--dataset_config`, `--in_json` (here `metadata_file`) and the `[general]` keys of its dataset TOML). When
+`dataset_config` names an sd-scripts dataset TOML, that file defines the datasets and the keys below are the last
+fallback for keys it leaves unset (subset > dataset > general > `[data]`), as sd-scripts falls back to its command
+line. The keys after "ours" are sdtk additions (Illustrious / Z-Image techniques, see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from library.config.fields import opt
+from library.errors import ConfigError
+
+BucketMode = Literal["sd-scripts", "sequence_length"]
+
+# DESIGN.md "Techniques": percentile thresholds (upper bound, in %) for the quality tags, worst first.
+DEFAULT_QUALITY_PERCENTILES = [8.0, 20.0, 60.0, 82.0, 92.0, 100.0]
+DEFAULT_QUALITY_TAGS = ["worst quality", "bad quality", "average quality", "good quality", "best quality", "masterpiece"]
+
+
+@dataclass
+class DataConfig:
+    # --- where the data is ---
+    train_data_dir: str = opt("", "Image folder (images + caption files, or sd-scripts '<repeats>_<class>' sub-folders), or 'demo:shapes'.")
+    reg_data_dir: str = opt("", "Regularization image folder (same layout); balanced against the training images as sd-scripts does.")
+    dataset_config: str = opt("", "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]); when set it defines the datasets.")
+    metadata_file: str = opt("", "JSON / JSONL metadata (path, caption, tags, optional score) for images in train_data_dir.")
+    class_tokens: str = opt("", "Caption for images without a caption file when train_data_dir holds the images directly.")
+    # --- sd-scripts dataset keys ---
+    resolution: int | list[int] = opt(0, "Training resolution: a side, or [width, height]; 0 = the model family's native size.")
+    batch_size: int = opt(1, "Images per batch per device (sd-scripts --train_batch_size).")
+    enable_bucket: bool = opt(True, "Aspect-ratio bucketing (sd-scripts default is false; most sd-scripts configs turn it on).")
+    min_bucket_reso: int = opt(256, "Smallest bucket side in pixels.")
+    max_bucket_reso: int = opt(0, "Largest bucket side in pixels; 0 = twice the larger resolution side.")
+    bucket_reso_steps: int = opt(64, "Bucket side step in pixels: 64, or 32 for SDXL only.")
+    bucket_no_upscale: bool = opt(False, "Give each image its own bucket no larger than the image (never upscale).")
+    num_repeats: int = opt(1, "Times each image is seen per epoch (sd-scripts '<repeats>_' folder prefix overrides it).")
+    caption_extension: str = opt(".txt", "Caption file extension next to each image.")
+    caption_separator: str = opt(",", "Separator between tags in a caption.")
+    secondary_separator: str = opt("", "Joins parts that act as one tag (shuffled and dropped together), then becomes caption_separator.")
+    keep_tokens: int = opt(0, "Leading tags kept in place: never shuffled, never dropped.")
+    keep_tokens_separator: str = opt("", "Marks the fixed head (and optional tail) of a caption, e.g. 'a, b ||| c, d ||| e'.")
+    shuffle_caption: bool = opt(False, "Shuffle the tags after the kept ones, every time an image is seen.")
+    caption_dropout_rate: float = opt(0.0, "Probability of training on an empty caption.")
+    caption_dropout_every_n_epochs: int = opt(0, "Use empty captions for every image in every N-th epoch (0 = off).")
+    caption_tag_dropout_rate: float = opt(0.0, "Probability of dropping each (non-kept, non-protected) tag.")
+    caption_prefix: str = opt("", "Text put before every caption (before shuffling, as sd-scripts).")
+    caption_suffix: str = opt("", "Text put after every caption (before shuffling, as sd-scripts).")
+    flip_aug: bool = opt(False, "Randomly mirror images left-right.")
+    random_crop: bool = opt(False, "Crop at a random position instead of the centre (not with cache_latents).")
+    alpha_mask: bool = opt(False, "Use the image alpha channel as a loss mask (transparent = not trained).")
+    prior_loss_weight: float = opt(1.0, "Loss weight of regularization images (sd-scripts --prior_loss_weight).")
+    # --- ours: caption techniques ---
+    multilevel_tag_dropout: bool = opt(False, "Illustrious multi-level tag dropout (30%/20%/10%/4% levels, see captions.py).")
+    protected_tags: list[str] = opt([], "Tags never dropped (character, artist, rating); shell-style patterns like 'artist:*' allowed.")
+    synonyms: dict[str, list[str]] = opt({}, "Tag -> alternatives, e.g. {\"1girl\" = [\"one girl\"]}.")
+    synonyms_file: str = opt("", "TOML or JSON file with more tag -> alternatives entries.")
+    synonym_probability: float = opt(0.0, "Probability of replacing a tag that has synonyms by one of them.")
+    quality_tags: bool = opt(False, "Prepend a quality tag chosen by the percentile of the image's metadata score.")
+    quality_percentiles: list[float] = opt(DEFAULT_QUALITY_PERCENTILES, "Upper percentile bound of each quality tag, worst first; last must be 100.")
+    quality_tag_names: list[str] = opt(DEFAULT_QUALITY_TAGS, "Quality tags, worst first (one per percentile bound).")
+    tag_order: list[str] = opt([], "Fixed tag order: tags matching these patterns move to the front, in this order.")
+    # --- ours: batching ---
+    bucket_mode: BucketMode = opt("sd-scripts", "'sd-scripts': fixed batch_size; 'sequence_length': batch size per bucket from tokens_per_batch.")
+    tokens_per_batch: int = opt(0, "sequence_length mode: latent tokens ((H/8)*(W/8)) per batch; 0 = batch_size at resolution.")
+    # --- caching and loading ---
+    cache_latents: bool = opt(False, "Encode every image with the VAE once before training (no random_crop).")
+    cache_latents_to_disk: bool = opt(False, "Keep the latent cache on disk (reused by later runs) instead of memory.")
+    cache_dir: str = opt("", "Folder of the on-disk latent cache; empty = the sdtk cache folder.")
+    vae_batch_size: int = opt(1, "Images per VAE call while caching.")
+    num_workers: int = opt(2, "DataLoader worker processes (0 = load in the training process).")
+
+    def validate(self) -> None:
+        res = self.resolution
+        if isinstance(res, list):
+            if len(res) != 2 or min(res) < 64:
+                raise ConfigError(f"data.resolution must be a side or [width, height] of at least 64 px (got {res})")
+        elif res != 0 and res < 64:
+            raise ConfigError(f"data.resolution must be 0 (family default) or at least 64 px (got {res})")
+        for key in ("batch_size", "num_repeats", "vae_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be at least 1 (got {getattr(self, key)})")
+        if self.bucket_reso_steps not in (32,) and (self.bucket_reso_steps < 64 or self.bucket_reso_steps % 64):
+            raise ConfigError(f"data.bucket_reso_steps must be a multiple of 64, or 32 for SDXL (got {self.bucket_reso_steps})")
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            if getattr(self, key) % self.bucket_reso_steps:
+                raise ConfigError(f"data.{key} = {getattr(self, key)} must be divisible by data.bucket_reso_steps = {self.bucket_reso_steps}")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate", "synonym_probability"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"data.{key} must be between 0 and 1 (got {getattr(self, key)})")
+        if min(self.keep_tokens, self.caption_dropout_every_n_epochs, self.num_workers, self.tokens_per_batch) < 0:
+            raise ConfigError("data.keep_tokens, caption_dropout_every_n_epochs, num_workers and tokens_per_batch must not be negative")
+        check_quality(self.quality_percentiles, self.quality_tag_names, "data")
+        if self.cache_latents and self.random_crop:
+            raise ConfigError("data.random_crop = true cannot be used with data.cache_latents = true "
+                              "(a cached latent has one fixed crop); turn one of them off")
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise ConfigError("data.cache_latents_to_disk = true needs data.cache_latents = true")
+        if self.prior_loss_weight < 0:
+            raise ConfigError(f"data.prior_loss_weight must not be negative (got {self.prior_loss_weight})")
+
+
+def check_quality(percentiles: list[float], names: list[str], table: str) -> None:
+    """The quality percentile bounds must rise to 100 and pair one-to-one with the tag names."""
+    if len(percentiles) != len(names) or not names:
+        raise ConfigError(f"{table}.quality_percentiles ({len(percentiles)}) and {table}.quality_tag_names "
+                          f"({len(names)}) must have the same, non-zero length")
+    if any(b <= a for a, b in zip(percentiles, percentiles[1:])) or percentiles[-1] != 100 or percentiles[0] <= 0:
+        raise ConfigError(f"{table}.quality_percentiles must rise strictly from above 0 to exactly 100 (got {percentiles})")

@@ -1,0 +1,175 @@
+"""Caption transforms: pure functions of (caption, options, random.Random). No I/O, no global state.
+
+`transform_caption` applies, in this order (each step is documented where it is implemented):
+ 1. whole-caption dropout (every N-th epoch, then with probability `dropout_rate`) -> "" (sd-scripts also drops
+    the prefix / suffix then);
+ 2. prefix / suffix joined with a space (sd-scripts: they are added before shuffling and take part in it);
+ 3. split into tags on `separator` (stripped, empty ones removed); `keep_tokens_separator` splits a fixed head,
+    a flexible middle and an optional fixed tail (sd-scripts semantics), else the first `keep_tokens` tags are fixed;
+    `tag_order` reorders the tags before that split (the flexible middle when a separator is used);
+ 4. the quality tag (from the score percentile) is put first, fixed;
+ 5. tag dropout on the flexible tags that are not protected: Illustrious multi-level dropout, then per-tag
+    `tag_dropout_rate` on the rest;
+ 6. shuffle of the flexible tags;
+ 7. synonym substitution (each tag with synonyms is replaced with probability `synonym_probability`);
+ 8. `secondary_separator` inside a tag becomes `separator`; tags joined with `separator + " "`.
+The random draws happen in a fixed order, so the same (caption, options, seed) always gives the same result.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    separator: str = ","
+    secondary_separator: str = ""
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    shuffle: bool = False
+    dropout_rate: float = 0.0
+    dropout_every_n_epochs: int = 0
+    tag_dropout_rate: float = 0.0
+    prefix: str = ""
+    suffix: str = ""
+    multilevel_dropout: bool = False
+    protected: tuple[str, ...] = ()
+    synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    synonym_probability: float = 0.0
+    tag_order: tuple[str, ...] = ()
+
+
+def split_tags(text: str, separator: str) -> list[str]:
+    """Tags of a caption: split on `separator`, stripped, empties removed."""
+    return [t.strip() for t in text.split(separator) if t.strip()]
+
+
+def is_protected(tag: str, patterns: tuple[str, ...]) -> bool:
+    """A tag matching one of the shell-style patterns (exact names, 'artist:*', ...) is never dropped."""
+    return any(fnmatch.fnmatchcase(tag, p) for p in patterns)
+
+
+def order_tags(tags: list[str], patterns: tuple[str, ...]) -> list[str]:
+    """Fixed tag order: tags matching pattern 0 first, then pattern 1, ...; the rest keep their order after them."""
+    if not patterns:
+        return list(tags)
+
+    def rank(tag: str) -> int:
+        return next((i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(tag, p)), len(patterns))
+
+    return sorted(tags, key=rank)  # sorted() is stable
+
+
+# Illustrious (Park et al., "Illustrious: an open advanced illustration model", arXiv 2409.19946, tag dropout):
+# (probability, tags dropped as a function of the caption's tag count n). Our reading: the counts are upper bounds,
+# fractional counts are rounded down, the level is drawn once per caption, never more than the droppable tags
+# (protected and kept tags are never dropped) are removed, and with the remaining 36% nothing is dropped.
+MULTILEVEL_LEVELS: tuple[tuple[float, object], ...] = (
+    (0.30, lambda n: max(int(0.3 * n), 10)),
+    (0.20, lambda n: max(int(0.4 * n), 15)),
+    (0.10, lambda n: min(n, 6)),
+    (0.04, lambda n: min(n, 4)),
+)
+
+
+def multilevel_drop_count(n: int, rng: random.Random) -> int:
+    """How many of n tags to drop: one uniform draw picks the level (30% / 20% / 10% / 4% / none); at most n."""
+    u = rng.random()
+    for p, count in MULTILEVEL_LEVELS:
+        if u < p:
+            return min(n, count(n))
+        u -= p
+    return 0
+
+
+def quality_tags_for_scores(scores: list[float | None], percentiles: list[float], names: list[str]) -> list[str | None]:
+    """Quality tag per score by its percentile rank in the dataset (DESIGN.md: worst ~8%, bad ~20%, average ~60%,
+    good ~82%, best ~92%, masterpiece ~100%).
+
+    The rank of s is 100 * (#scores <= s) / (#scores), so the top score is at 100%; tag i is the first with
+    rank <= percentiles[i]. Images without a score get None (no tag).
+    """
+    known = sorted(s for s in scores if s is not None)
+    out: list[str | None] = []
+    for s in scores:
+        if s is None:
+            out.append(None)
+            continue
+        pct = 100.0 * bisect.bisect_right(known, s) / len(known)
+        out.append(names[next((i for i, b in enumerate(percentiles) if pct <= b), len(names) - 1)])
+    return out
+
+
+def pick_caption_line(lines: list[str], rng: random.Random) -> str:
+    """A caption file with several lines holds alternatives: one is chosen per (epoch, sample)."""
+    if not lines:
+        return ""
+    return lines[0] if len(lines) == 1 else lines[rng.randrange(len(lines))]
+
+
+def caption_dropped(opts: CaptionOptions, epoch: int, rng: random.Random) -> bool:
+    """Whole-caption dropout. `epoch` counts from 0; like sd-scripts (whose epochs count from 1) every N-th epoch
+    means epochs N, 2N, ... counted from 1, i.e. epoch + 1 divisible by N. One draw is always consumed."""
+    u = rng.random()
+    if opts.dropout_every_n_epochs > 0 and (epoch + 1) % opts.dropout_every_n_epochs == 0:
+        return True
+    return u < opts.dropout_rate
+
+
+def transform_caption(caption: str, opts: CaptionOptions, rng: random.Random, epoch: int = 0,
+                      quality_tag: str | None = None) -> str:
+    """The training caption for one sample (steps listed in the module docstring)."""
+    if caption_dropped(opts, epoch, rng):
+        return ""
+    text = " ".join(t for t in (opts.prefix, caption, opts.suffix) if t)
+    sep = opts.separator
+    if opts.keep_tokens_separator and opts.keep_tokens_separator in text:
+        parts = text.split(opts.keep_tokens_separator)
+        head = split_tags(parts[0], sep)
+        flex = order_tags(split_tags(parts[1], sep), opts.tag_order)
+        tail = split_tags(parts[2], sep) if len(parts) > 2 else []
+    else:
+        tags = order_tags(split_tags(text, sep), opts.tag_order)
+        head, flex, tail = tags[:opts.keep_tokens], tags[opts.keep_tokens:], []
+    n_tags = len(head) + len(flex) + len(tail)
+    if quality_tag:
+        head = [quality_tag] + head
+    flex = _drop_tags(flex, n_tags, opts, rng)
+    if opts.shuffle:
+        rng.shuffle(flex)
+    tags = [_synonym(t, opts, rng) for t in head + flex + tail]
+    if opts.secondary_separator:
+        tags = [t.replace(opts.secondary_separator, sep) for t in tags]
+    return f"{sep} ".join(tags)
+
+
+def _drop_tags(flex: list[str], n_tags: int, opts: CaptionOptions, rng: random.Random) -> list[str]:
+    droppable = [i for i, t in enumerate(flex) if not is_protected(t, opts.protected)]
+    dropped: set[int] = set()
+    if opts.multilevel_dropout:
+        k = min(len(droppable), multilevel_drop_count(n_tags, rng))
+        dropped.update(rng.sample(droppable, k))
+    if opts.tag_dropout_rate > 0:
+        # sd-scripts `caption_tag_dropout_rate`: each tag independently.
+        dropped.update(i for i in droppable if i not in dropped and rng.random() < opts.tag_dropout_rate)
+    return [t for i, t in enumerate(flex) if i not in dropped]
+
+
+def _synonym(tag: str, opts: CaptionOptions, rng: random.Random) -> str:
+    alts = opts.synonyms.get(tag)
+    if not alts or opts.synonym_probability <= 0 or rng.random() >= opts.synonym_probability:
+        return tag
+    return alts[rng.randrange(len(alts))]
+
+
+def tag_frequency(captions: list[str], separator: str) -> dict[str, int]:
+    """Images per tag (each tag counted once per caption), as kohya's `ss_tag_frequency` counts them."""
+    counts: Counter[str] = Counter()
+    for c in captions:
+        counts.update(set(split_tags(c, separator)))
+    return dict(counts)

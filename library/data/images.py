@@ -1,0 +1,119 @@
+"""Image files: header-only size reads for indexing, cheap truncation checks, decoding with EXIF orientation,
+resize-to-cover + crop + flip into a tensor, and the alpha channel as a loss mask at latent resolution."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from library.data.buckets import Size
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+EXIF_ORIENTATION = 0x0112
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+class BadImage(Exception):
+    """An image file that cannot be used; the message is the reason shown in the skipped-files list."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    size: Size  # (width, height) as displayed, i.e. after the EXIF rotation
+    mtime_ns: int
+    file_size: int
+    has_alpha: bool
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_header(path: Path) -> ImageHeader:
+    """Size, EXIF orientation and alpha from the file header only (no pixel decode), plus a tail check that catches
+    truncated PNG / JPEG / WebP files cheaply. Raises BadImage with the reason."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BadImage(f"cannot read ({e.strerror})") from None
+    if st.st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            fmt = img.format
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "WEBP", "PNG") else 1
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BadImage(f"not a readable image ({type(e).__name__})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt header ({e})") from None
+    if w < 1 or h < 1:
+        raise BadImage(f"invalid size {w}x{h}")
+    _check_tail(path, fmt, st.st_size)
+    if orientation in _ROTATED:
+        w, h = h, w
+    return ImageHeader((w, h), st.st_mtime_ns, st.st_size, has_alpha)
+
+
+def _check_tail(path: Path, fmt: str | None, size: int) -> None:
+    with open(path, "rb") as f:
+        if fmt == "WEBP":
+            head = f.read(8)
+            riff = int.from_bytes(head[4:8], "little") + 8
+            if size < riff:
+                raise BadImage(f"truncated (RIFF says {riff} bytes, file has {size})")
+            return
+        f.seek(max(0, size - 4096))
+        tail = f.read()
+    if fmt == "PNG" and b"IEND" not in tail[-32:]:
+        raise BadImage("truncated (no PNG end chunk)")
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise BadImage("truncated (no JPEG end marker)")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode fully, apply the EXIF orientation; RGBA when the image has alpha, else RGB. Raises BadImage."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+            return img.convert("RGBA" if has_alpha else "RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BadImage(f"not a readable image ({type(e).__name__})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot decode ({e})") from None
+
+
+def prepare_image(img: Image.Image, resized: Size, bucket: Size, crop: tuple[int, int], flip: bool,
+                  want_mask: bool, vae_scale: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize to cover the bucket (Lanczos, which PIL antialiases when shrinking), crop the bucket at `crop`
+    (left, top), mirror if `flip` (after the crop, so the flipped crop's left is resized_w - bucket_w - left).
+
+    Returns pixels [3, H, W] in [-1, 1] and, if `want_mask`, the alpha channel as a mask [1, H/8, W/8] in [0, 1]
+    (area-averaged to latent size; all ones without alpha). Transparent pixels keep their RGB values, as sd-scripts
+    does; the mask is what removes them from the loss.
+    """
+    if img.size != resized:
+        img = img.resize(resized, Image.Resampling.LANCZOS)
+    left, top = crop
+    img = img.crop((left, top, left + bucket[0], top + bucket[1]))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.uint8)
+    pixels = torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    mask = None
+    if want_mask:
+        if arr.shape[-1] == 4:
+            alpha = torch.from_numpy(arr[..., 3].copy()).float().div_(255.0)[None, None]
+        else:
+            alpha = torch.ones(1, 1, bucket[1], bucket[0])
+        mask = F.interpolate(alpha, size=(bucket[1] // vae_scale, bucket[0] // vae_scale), mode="area")[0]
+    return pixels, mask

@@ -1,0 +1,272 @@
+"""The data interface of the training loop: `build_train_data(cfg.data, ...) -> TrainData`.
+
+A batch is a dict:
+  latents [B, 4, h, w] (cached) or pixels [B, 3, H, W] in [-1, 1]; captions: list[str] (transformed);
+  original_sizes, crop_top_lefts, target_sizes: LongTensor [B, 2] as (h, w) / (top, left) (SDXL size conditioning:
+  the image size before resizing, the crop's top-left in the resized image, the bucket size);
+  masks: [B, 1, h, w] at latent size, or None when no subset uses alpha_mask; loss_weights: FloatTensor [B]
+  (regularization images get data.prior_loss_weight); is_reg: BoolTensor [B].
+
+Everything random about a sample (caption line, caption transforms, flip, crop) comes from a generator seeded by
+(seed, epoch, sample index), and the batch order from (seed, epoch); so any batch can be recomputed exactly, which is
+what makes `state_dict()` = (epoch, batches consumed) enough for an exact resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from library.config.data import DataConfig
+from library.data import buckets as bk
+from library.data.cache import CacheRequest, LatentStore, build_latent_store
+from library.data.captions import CaptionOptions, pick_caption_line, transform_caption
+from library.data.dataset import (DataIndex, caption_options, dataset_specs, index_datasets, load_synonyms,
+                                  subset_tag_frequency)
+from library.data.images import BadImage, load_image, prepare_image
+from library.data.sampler import BucketBatchSampler
+from library.errors import ConfigError, DataError
+from library.paths import cache_dir as sdtk_cache_dir
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """One training sample per key (epoch, entry); entries are images with their repeats expanded."""
+
+    def __init__(self, index: DataIndex, entries: list[int], options: list[CaptionOptions], seed: int,
+                 store: LatentStore | None, prior_loss_weight: float):
+        self.index, self.entries, self.options, self.seed = index, entries, options, seed
+        self.store, self.prior_loss_weight = store, prior_loss_weight
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, e = key
+        ii = self.entries[e]
+        it = self.index.items[ii]
+        s = self.index.subsets[it.subset]
+        rng = random.Random(f"sample:{self.seed}:{epoch}:{e}")  # draw order: line, caption, flip, crop
+        caption = transform_caption(pick_caption_line(it.captions, rng), self.options[it.subset], rng, epoch,
+                                    it.quality_tag)
+        flip = s.flip_aug and rng.random() < 0.5
+        pl = it.placement
+        sample = {"caption": caption}
+        if self.store is not None:
+            crop = bk.crop_offset(pl.resized, pl.bucket, None)
+            sample["latents"], sample["mask"] = self.store.get(ii, flip)
+        else:
+            crop = bk.crop_offset(pl.resized, pl.bucket, rng if s.random_crop else None)
+            try:
+                img = load_image(it.path)
+            except BadImage as err:
+                raise DataError(f"{it.path}: {err} (the file changed or is damaged; fix or remove it)") from None
+            sample["pixels"], sample["mask"] = prepare_image(img, pl.resized, pl.bucket, crop, flip, s.alpha_mask)
+        left = pl.resized[0] - pl.bucket[0] - crop[0] if flip else crop[0]
+        w, h = it.header.size
+        sample.update(original_size=(h, w), crop_top_left=(crop[1], left), target_size=(pl.bucket[1], pl.bucket[0]),
+                      loss_weight=self.prior_loss_weight if it.is_reg else 1.0, is_reg=it.is_reg)
+        return sample
+
+
+class Collate:
+    """Stack samples into the batch dict (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, use_masks: bool):
+        self.use_masks = use_masks
+
+    def __call__(self, samples: list[dict]) -> dict:
+        image_key = "latents" if "latents" in samples[0] else "pixels"
+        batch = {
+            image_key: torch.stack([s[image_key] for s in samples]),
+            "captions": [s["caption"] for s in samples],
+            "original_sizes": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
+            "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
+            "target_sizes": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
+            "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+            "is_reg": torch.tensor([s["is_reg"] for s in samples], dtype=torch.bool),
+            "masks": None,
+        }
+        if self.use_masks:
+            h, w = batch[image_key].shape[-2:]
+            if image_key == "pixels":
+                h, w = h // 8, w // 8
+            batch["masks"] = torch.stack([s["mask"] if s["mask"] is not None else torch.ones(1, h, w) for s in samples])
+        return batch
+
+
+class _EpochBatches:
+    """The sampler's batches as DataLoader keys (epoch, entry), so workers need no epoch state."""
+
+    def __init__(self, sampler: BucketBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.sampler:
+            yield [(self.sampler.epoch, e) for e in batch]
+
+
+class TrainData:
+    """What the training loop iterates: batches of the current epoch from the current position."""
+
+    def __init__(self, index: DataIndex, sampler: BucketBatchSampler, loader: torch.utils.data.DataLoader,
+                 report: str):
+        self.index, self.sampler, self.loader, self.report = index, sampler, loader, report
+        self.steps_per_epoch = len(sampler)
+        self.num_images = len(index.items)
+        self.epoch = 0
+        self.position = 0  # batches of this epoch consumed by the caller
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` (0-based) from its first batch; the same epoch, part-way through (a resume), continues."""
+        if epoch != self.epoch or not 0 < self.position < self.steps_per_epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.sampler.epoch, self.sampler.position = self.epoch, self.position
+        for batch in self.loader:
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed,
+                "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("seed", self.sampler.seed) != self.sampler.seed:
+            raise ConfigError(f"the resume state was made with train.seed = {sd['seed']}; this run uses "
+                              f"{self.sampler.seed}; set it back to resume exactly")
+        if sd.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+            raise ConfigError(f"the resume state had {sd['steps_per_epoch']} batches per epoch, the data now gives "
+                              f"{self.steps_per_epoch}: the dataset or batch settings changed since it was saved")
+        self.epoch, self.position = int(sd["epoch"]), int(sd["position"])
+
+    def tag_frequency(self) -> dict:
+        """kohya `ss_tag_frequency`: {subset folder name: {tag: number of images}}."""
+        return subset_tag_frequency(self.index)
+
+    def summary(self) -> dict:
+        """kohya `ss_datasets`-style description: {"datasets": [...]} (json.dumps the list into the metadata)."""
+        out = []
+        for di, spec in enumerate(self.index.datasets):
+            items = [it for it in self.index.items if it.dataset == di]
+            subsets = []
+            for s in spec.subsets:
+                si = next(i for i, x in enumerate(self.index.subsets) if x is s)
+                mine = [it for it in items if it.subset == si]
+                subsets.append({"img_count": len(mine), "num_repeats": s.num_repeats, "image_dir": Path(s.image_dir).name,
+                                "class_tokens": s.class_tokens, "is_reg": s.is_reg, "flip_aug": s.flip_aug,
+                                "random_crop": s.random_crop, "shuffle_caption": s.shuffle_caption,
+                                "keep_tokens": s.keep_tokens, "caption_prefix": s.caption_prefix,
+                                "caption_suffix": s.caption_suffix, "alpha_mask": s.alpha_mask})
+            counts: dict[str, int] = defaultdict(int)
+            for it in items:
+                counts[f"{it.placement.bucket[0]}x{it.placement.bucket[1]}"] += it.repeats
+            out.append({"is_dreambooth": not any(s.metadata_file for s in spec.subsets),
+                        "batch_size_per_device": spec.batch_size,
+                        "num_train_images": sum(it.repeats for it in items if not it.is_reg),
+                        "num_reg_images": sum(it.repeats for it in items if it.is_reg),
+                        "resolution": list(spec.resolution), "enable_bucket": spec.enable_bucket,
+                        "min_bucket_reso": spec.min_bucket_reso, "max_bucket_reso": spec.max_bucket_reso,
+                        "bucket_info": {"buckets": dict(counts)}, "subsets": subsets})
+        return {"datasets": out}
+
+
+def _latent_cache_dir(cfg: DataConfig, index: DataIndex) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    roots = sorted({str(Path(s.image_dir or s.metadata_file).resolve()) for s in index.subsets})
+    return sdtk_cache_dir() / "latents" / hashlib.sha256("\n".join(roots).encode()).hexdigest()[:16]
+
+
+def _build_cache(cfg: DataConfig, index: DataIndex, vae, cache_dtype: torch.dtype) -> LatentStore:
+    """Encode (or reuse) every image's latent; images that fail to decode are dropped from the index and listed."""
+    for s in index.subsets:
+        if s.random_crop:
+            raise ConfigError(f"random_crop = true (subset '{s.name}') cannot be used with data.cache_latents = true "
+                              "(a cached latent has one fixed crop); turn one of them off")
+    requests = []
+    for ii, it in enumerate(index.items):
+        pl, s = it.placement, index.subsets[it.subset]
+        requests.append(CacheRequest(ii, it.path, pl.resized, pl.bucket, bk.crop_offset(pl.resized, pl.bucket, None),
+                                     s.flip_aug, s.alpha_mask, it.header.mtime_ns, it.header.file_size))
+    cache_dir = _latent_cache_dir(cfg, index) if cfg.cache_latents_to_disk else None
+    store, skipped = build_latent_store(requests, vae, cache_dir=cache_dir, dtype=cache_dtype,
+                                        batch_size=cfg.vae_batch_size, num_workers=cfg.num_workers)
+    if skipped:
+        lines = "\n".join(f"  {p}: {why}" for p, why in skipped)
+        print(f"warning: skipped {len(skipped)} image(s) that could not be decoded:\n{lines}", file=sys.stderr)
+        index.skipped.extend(skipped)
+        keep = [ii for ii in range(len(index.items)) if ii in store]
+        if not keep:
+            raise DataError("no usable images left after decoding; see the skipped files above")
+        remap = {old: new for new, old in enumerate(keep)}
+        index.items = [index.items[ii] for ii in keep]
+        moved = LatentStore()
+        moved.memory = {remap[k]: v for k, v in store.memory.items() if k in remap}
+        moved.files = {remap[k]: v for k, v in store.files.items() if k in remap}
+        store = moved
+    return store
+
+
+def build_train_data(cfg: DataConfig, *, default_resolution: int, seed: int, rank: int = 0, world_size: int = 1,
+                     vae=None, cache_dtype: torch.dtype = torch.float32, family: str | None = None) -> TrainData:
+    """Index the data, bucket it, (with `vae` and data.cache_latents) cache the latents now, and set up the loader.
+
+    `family` (optional) lets the SDXL-only bucket step 32 be checked.
+    """
+    if family is not None and family != "sdxl" and cfg.bucket_reso_steps == 32:
+        raise ConfigError("data.bucket_reso_steps = 32 is for SDXL only; SD1/SD2 need a multiple of 64")
+    index = index_datasets(dataset_specs(cfg, default_resolution), cfg)
+    store = _build_cache(cfg, index, vae, cache_dtype) if (vae is not None and cfg.cache_latents) else None
+
+    entries = [ii for ii, it in enumerate(index.items) for _ in range(it.repeats)]
+    group_of: dict[tuple[int, bk.Size], list[int]] = defaultdict(list)
+    for e, ii in enumerate(entries):
+        it = index.items[ii]
+        group_of[(it.dataset, it.placement.bucket)].append(e)
+    keys = sorted(group_of)
+    sizes = []
+    for di, bucket in keys:
+        spec = index.datasets[di]
+        if cfg.bucket_mode == "sd-scripts":
+            sizes.append(spec.batch_size)
+        elif cfg.bucket_mode == "sequence_length":
+            target = cfg.tokens_per_batch or spec.batch_size * bk.latent_tokens(spec.resolution)
+            sizes.append(bk.sequence_batch_sizes([bucket], target)[bucket])
+        else:
+            raise ConfigError(f"data.bucket_mode must be 'sd-scripts' or 'sequence_length' (got {cfg.bucket_mode!r})")
+    sampler = BucketBatchSampler([group_of[k] for k in keys], sizes, seed, rank, world_size)
+
+    synonyms = load_synonyms(cfg)
+    options = [caption_options(s, cfg, synonyms) for s in index.subsets]
+    dataset = SampleDataset(index, entries, options, seed, store, cfg.prior_loss_weight)
+    use_masks = any(s.alpha_mask for s in index.subsets)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_EpochBatches(sampler), num_workers=cfg.num_workers,
+                                         persistent_workers=cfg.num_workers > 0, collate_fn=Collate(use_masks),
+                                         pin_memory=torch.cuda.is_available())
+    report = bk.bucket_report([(it.placement.bucket, it.placement.ar_error) for it in index.items],
+                              {b: n for (_, b), n in zip(keys, sizes)} if cfg.bucket_mode == "sequence_length" else None)
+    if rank == 0:
+        print(report, file=sys.stderr)
+    return TrainData(index, sampler, loader, report)
+
+
+def build_latent_cache(cfg: DataConfig, vae, *, default_resolution: int, cache_dtype: torch.dtype = torch.float32) -> int:
+    """`--cache-only`: write the on-disk latent cache and return how many images it holds."""
+    if not cfg.cache_latents_to_disk:
+        raise ConfigError("caching only (--cache-only) needs data.cache_latents = true and data.cache_latents_to_disk = true")
+    index = index_datasets(dataset_specs(cfg, default_resolution), cfg)
+    store = _build_cache(cfg, index, vae, cache_dtype)
+    return len(store.files)
