@@ -94,7 +94,9 @@ def elementwise_loss(
             if huber_c is None:
                 raise ValueError(f"loss_type {loss_type!r} needs huber_c")
             c = huber_c.to(d.device).float().view(-1, *([1] * (d.dim() - 1)))
-            pseudo = torch.sqrt(d * d + c * c) - c
+            # sqrt(d^2 + c^2) - c written as d^2 / (sqrt(d^2 + c^2) + c): the same value without the float32
+            # cancellation of the direct form when c >> |d|.
+            pseudo = d * d / (torch.sqrt(d * d + c * c) + c)
             return 2.0 * c * pseudo if loss_type == "huber" else 2.0 * pseudo
         case _:
             raise ValueError(f"unknown loss_type {loss_type!r}: expected 'l2', 'l1', 'huber' or 'smooth_l1'")
