@@ -1,0 +1,326 @@
+"""The kohya LoRA file format: key names, strict save / load, `ss_*` and `modelspec.*` metadata, sshs hashes.
+
+Key rules (sd-scripts networks/lora.py `LoRANetwork.create_modules`, DESIGN.md "LoRA (kohya format)"):
+- `lora_unet_` + module path with `.` -> `_`; the path is diffusers' for SD1/SD2 and SGM's for SDXL (sd-scripts trains
+  SDXL on its SGM-layout UNet), e.g. `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`.
+- `lora_te_` (SD1/SD2) or `lora_te1_` / `lora_te2_` (SDXL) + the CLIP path *with* `text_model.`, which transformers 5
+  CLIPTextModel module names lack and every released file has.
+- per module `<name>.<suffix>`; suffixes per adapter type in library/networks/lycoris.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from library.errors import ModelFileError
+from library.fileio import atomic_path
+from library.models.model import SDModel
+from library.networks import lycoris
+from library.networks.lora import AdaptedModule, Network
+
+PREFIXES = {
+    ("sd1", "unet"): "lora_unet", ("sd2", "unet"): "lora_unet", ("sdxl", "unet"): "lora_unet",
+    ("sd1", "text_encoder"): "lora_te", ("sd2", "text_encoder"): "lora_te",
+    ("sdxl", "text_encoder"): "lora_te1", ("sdxl", "text_encoder_2"): "lora_te2",
+}
+
+
+def _unet_sgm_modules(unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers UNet module path -> SGM module path, from the state-dict key map (weights name every layer)."""
+    from library.models.keymaps import unet_key_map
+
+    return {k.removesuffix(".weight"): v.removesuffix(".weight")
+            for k, v in unet_key_map(dict(unet_config)).items() if k.endswith(".weight")}
+
+
+def kohya_name(family: str, component: str, path: str, sgm: Mapping[str, str] | None = None) -> str:
+    """The kohya module name of one layer (diffusers / transformers path inside `component`)."""
+    prefix = PREFIXES.get((family, component))
+    if prefix is None:
+        raise ModelFileError(f"{family} has no kohya prefix for component {component!r}")
+    if component == "unet":
+        if family == "sdxl":
+            if sgm is None or path not in sgm:
+                raise ModelFileError(f"SDXL UNet module {path} has no SGM name (unet_key_map does not list it)")
+            path = sgm[path]
+    else:
+        path = "text_model." + path.removeprefix("text_model.")
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def module_names(model: SDModel, network: Network) -> dict[str, AdaptedModule]:
+    """kohya module name -> adapted layer; fails if two layers would share a name."""
+    sgm = _unet_sgm_modules(model.unet.config) if model.family == "sdxl" and any(
+        m.component == "unet" for m in network.modules) else None
+    out: dict[str, AdaptedModule] = {}
+    for m in network.modules:
+        name = kohya_name(model.family, m.component, m.path, sgm)
+        if name in out:
+            raise ModelFileError(f"two layers map to the kohya name {name}: {out[name].path} and {m.path}")
+        out[name] = m
+    return out
+
+
+def kohya_weight_map(model: SDModel) -> dict[str, str]:
+    """kohya module name -> "<component>.<path>.weight" for every Linear / Conv2d of the UNet and text encoders.
+
+    Works on meta-device models; library/networks/lora_tools.py uses it to merge or extract with diffusers names.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    comps = [("unet", model.unet)] + list(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
+    sgm = _unet_sgm_modules(model.unet.config) if model.family == "sdxl" else None
+    out: dict[str, str] = {}
+    for component, root in comps:
+        for path, mod in root.named_modules():
+            if isinstance(mod, BaseTunerLayer):
+                raise ModelFileError("kohya_weight_map needs a model without adapters")
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                if component == "unet" and sgm is not None and path not in sgm:
+                    continue
+                out[kohya_name(model.family, component, path, sgm)] = f"{component}.{path}.weight"
+    return out
+
+
+def network_state_dict_kohya(model: SDModel, network: Network, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The adapters as a kohya state dict; every trained parameter lands in exactly one key (checked)."""
+    sd: dict[str, torch.Tensor] = {}
+    trained = {id(p) for p in network.parameters()}
+    covered = 0
+    for name, m in module_names(model, network).items():
+        tensors = lycoris.module_tensors(network.module_type, m, network.adapter_name)
+        covered += len(tensors) - 1  # all but alpha are parameters
+        for suffix, t in tensors.items():
+            t = t.detach().to("cpu").contiguous()
+            sd[f"{name}.{suffix}"] = t.to(dtype) if dtype is not None else t.clone()
+    if covered != len(trained):
+        raise ModelFileError(f"kohya export covered {covered} tensors but the network trains {len(trained)}")
+    return sd
+
+
+def _file_family(keys: list[str]) -> str | None:
+    if any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_middle_block",
+                         "lora_unet_output_blocks")) for k in keys):
+        return "sdxl"
+    if any(k.startswith(("lora_te_", "lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks"))
+           for k in keys):
+        return "sd1/sd2"
+    return None
+
+
+def load_kohya_into(model: SDModel, network: Network, state_dict: Mapping[str, torch.Tensor],
+                    source: str = "LoRA file", strict: bool = True) -> None:
+    """Load a kohya state dict into the network's adapters; any unknown key, shape or family mismatch is an error.
+
+    strict: every adapted layer must be in the file too (resume). The file's alphas replace the configured ones.
+    """
+    keys = list(state_dict)
+    fam = _file_family(keys)
+    want = "sdxl" if model.family == "sdxl" else "sd1/sd2"
+    if fam is not None and fam != want:
+        raise ModelFileError(f"{source} is a {fam.upper()} LoRA (keys like {keys[0]}); the model is {model.family}")
+    names = module_names(model, network)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        name, dot, suffix = key.partition(".")
+        if not dot:
+            raise ModelFileError(f"{source}: key {key!r} is not <module>.<tensor>")
+        if name not in names:
+            hint = "" if name.startswith(tuple(f"{p}_" for p in set(PREFIXES.values()))) else \
+                " (every key must start with lora_unet_, lora_te_, lora_te1_ or lora_te2_)"
+            raise ModelFileError(f"{source}: key {key} names no adapted layer of this network{hint}; check "
+                                 "network.network_module, network.target, conv_dim and the model family")
+        grouped.setdefault(name, {})[suffix] = tensor
+    if strict:
+        missing = sorted(set(names) - set(grouped))
+        if missing:
+            raise ModelFileError(f"{source} lacks {len(missing)} adapted layers, e.g. {missing[0]}; it was made with "
+                                 "other network settings (network_module, target, conv_dim, block_dims)")
+    for name, tensors in grouped.items():
+        m = names[name]
+        expected = lycoris.expected_shapes(network.module_type, m, network.adapter_name)
+        if set(tensors) != set(expected):
+            extra = sorted(set(tensors) - set(expected))
+            lacking = sorted(set(expected) - set(tensors))
+            raise ModelFileError(f"{source}: {name} has tensors {sorted(tensors)} but a {network.module_type} layer "
+                                 f"needs {sorted(expected)} (extra {extra}, missing {lacking}); check network_module")
+        for suffix, shape in expected.items():
+            got = tuple(tensors[suffix].shape)
+            if suffix == "alpha" and tensors[suffix].numel() == 1:
+                continue
+            if got != shape:
+                raise ModelFileError(f"{source}: {name}.{suffix} has shape {list(got)}, this network needs "
+                                     f"{list(shape)}; check network_dim / conv_dim (rank) and the model family")
+    for name, tensors in grouped.items():
+        lycoris.load_module_tensors(network.module_type, names[name], network.adapter_name, tensors,
+                                    f"{source}: {name}")
+
+
+def read_kohya(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors LoRA; ModelFileError if it cannot be read."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelFileError(f"{path}: only .safetensors LoRA files are read (pickled .pt/.ckpt are unsafe)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (OSError, Exception) as e:  # safetensors raises its own SafetensorError for malformed files
+        raise ModelFileError(f"{path}: cannot read as safetensors ({e})") from None
+
+
+def load_kohya_file_into(model: SDModel, network: Network, path: str | os.PathLike) -> dict[str, str]:
+    """Read a kohya file and load it strictly (network_weights); returns its metadata."""
+    tensors, metadata = read_kohya(path)
+    load_kohya_into(model, network, tensors, source=str(path))
+    return metadata
+
+
+def sshs_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts `precalculate_safetensors_hashes` computes them.
+
+    Model hash: sha256 of the tensor data after the safetensors header (A1111 additional-networks `addnet_hash_
+    safetensors`; metadata cannot change it). Legacy hash: first 8 hex of sha256 of the 64 KiB at offset 1 MiB of the
+    file serialised with only its `ss_*` metadata (`addnet_hash_legacy`).
+    """
+    from safetensors.torch import save
+
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = save(dict(state_dict), ss or None)
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def save_kohya(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write the LoRA atomically as .safetensors with `metadata` plus sshs_model_hash / sshs_legacy_hash."""
+    from safetensors.torch import save_file
+
+    bad = [k for k in state_dict if not k.startswith(tuple(f"{p}_" for p in set(PREFIXES.values())))]
+    if bad:  # diffusers only converts kohya files whose every key has one of these prefixes
+        raise ModelFileError(f"refusing to write {path}: key {bad[0]} lacks a lora_unet_/lora_te*_ prefix")
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata.
+
+# modelspec architecture per (family, v-prediction): sd-scripts library/sai_model_spec.py ARCH_* + "/lora".
+_ARCH = {("sd1", False): "stable-diffusion-v1", ("sd1", True): "stable-diffusion-v1",
+         ("sd2", False): "stable-diffusion-v2-512", ("sd2", True): "stable-diffusion-v2-768-v",
+         ("sdxl", False): "stable-diffusion-xl-v1-base", ("sdxl", True): "stable-diffusion-xl-v1-base"}
+
+
+def base_model_version(family: str, v_prediction: bool) -> str:
+    """`ss_base_model_version`: sd_v1 / sd_v2 (+ `_v` for v-prediction), sdxl_base_v1-0 (sd-scripts model_util)."""
+    match family:
+        case "sd1" | "sd2":
+            return f"sd_{'v1' if family == 'sd1' else 'v2'}" + ("_v" if v_prediction else "")
+        case "sdxl":
+            return "sdxl_base_v1-0"
+        case other:
+            raise ValueError(f"unknown family {other!r}")
+
+
+def metadata_for(
+    *,
+    family: str,
+    v_prediction: bool,
+    network_module: str,
+    network_dim: int,
+    network_alpha: float,
+    title: str,
+    network_args: Mapping[str, Any] | None = None,
+    base_model: str = "",
+    resolution: tuple[int, int] = (512, 512),
+    steps: int = 0,
+    epochs: int = 0,
+    num_train_images: int = 0,
+    learning_rate: float = 0.0,
+    unet_lr: float | None = None,
+    text_encoder_lr: float | None = None,
+    training_started_at: float = 0.0,
+    training_finished_at: float | None = None,
+    seed: int | None = None,
+    clip_skip: int | None = None,
+    tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
+    datasets: list[dict] | None = None,
+    config_text: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The `ss_*` + `modelspec.*` metadata of a LoRA, from explicit values (all strings, as safetensors needs).
+
+    network_module: lora / locon / loha / lokr / dora. LoRA and LoCon are written as sd-scripts does
+    ("networks.lora", conv settings in ss_network_args); LoHa / LoKr / DoRA as LyCORIS via sd-scripts does
+    ("lycoris.kohya" with algo in ss_network_args). config_text: the resolved TOML; its sha256 goes in sdtk_config_hash.
+    """
+    args = {k: str(v) for k, v in (network_args or {}).items()}
+    match network_module:
+        case "lora" | "locon" | "networks.lora":
+            module = "networks.lora"
+        case "loha" | "lokr":
+            module, args["algo"] = "lycoris.kohya", network_module
+        case "dora":
+            module, args["algo"], args["dora_wd"] = "lycoris.kohya", "lora", "True"
+        case other:
+            raise ValueError(f"unknown network module {other!r}")
+    w, h = resolution
+    md: dict[str, Any] = {
+        "ss_network_module": module,
+        "ss_network_dim": int(network_dim),
+        "ss_network_alpha": float(network_alpha),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": base_model_version(family, v_prediction),
+        "ss_v2": family == "sd2",
+        "ss_v_parameterization": v_prediction,
+        "ss_sd_model_name": os.path.basename(base_model),
+        "ss_resolution": f"({w}, {h})",
+        "ss_steps": steps,
+        "ss_max_train_steps": steps,
+        "ss_epoch": epochs,
+        "ss_num_train_images": num_train_images,
+        "ss_learning_rate": learning_rate,
+        "ss_unet_lr": unet_lr if unet_lr is not None else learning_rate,
+        "ss_text_encoder_lr": text_encoder_lr if text_encoder_lr is not None else learning_rate,
+        "ss_training_started_at": training_started_at,
+        "ss_output_name": title,
+        "ss_tag_frequency": json.dumps(dict(tag_frequency or {})),
+        "ss_datasets": json.dumps(list(datasets or [])),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{_ARCH[(family, v_prediction)]}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.date": datetime.datetime.fromtimestamp(training_finished_at or training_started_at,
+                                                          datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if training_finished_at is not None:
+        md["ss_training_finished_at"] = training_finished_at
+    if seed is not None:
+        md["ss_seed"] = seed
+    if clip_skip is not None:
+        md["ss_clip_skip"] = clip_skip
+        md["modelspec.encoder_layer"] = clip_skip
+    if config_text:
+        md["sdtk_config"] = config_text
+        md["sdtk_config_hash"] = hashlib.sha256(config_text.encode("utf-8")).hexdigest()
+    md.update(extra or {})
+    return {k: str(v) for k, v in md.items()}
