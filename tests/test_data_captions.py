@@ -1,0 +1,147 @@
+"""Caption transforms: exact values for fixed seeds' effects, and the multi-level dropout frequencies."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from library.data.captions import (CaptionOptions, caption_dropped, multilevel_drop_count, order_tags,
+                                   pick_caption_line, quality_tags_for_scores, split_tags, tag_frequency,
+                                   transform_caption)
+
+CAP = "a, b, c, d, e, f"
+
+
+def T(caption=CAP, seed=0, epoch=0, quality=None, **kw):
+    return transform_caption(caption, CaptionOptions(**kw), random.Random(seed), epoch, quality)
+
+
+def test_plain_caption_is_normalised_only():
+    assert T("a,b ,, c") == "a, b, c"
+    assert T("x; y", separator=";") == "x; y"
+
+
+def test_prefix_suffix_and_secondary_separator():
+    assert T("b, c", prefix="pre,", suffix=", suf") == "pre, b, c, suf"
+    assert T("a, x;;;y, b", secondary_separator=";;;") == "a, x,y, b"
+
+
+def test_shuffle_keeps_first_keep_tokens_and_is_a_permutation():
+    for seed in range(20):
+        out = T(seed=seed, shuffle=True, keep_tokens=2).split(", ")
+        assert out[:2] == ["a", "b"] and sorted(out) == list("abcdef")
+    assert len({T(seed=s, shuffle=True) for s in range(30)}) > 10  # it does shuffle
+    assert T(seed=5, shuffle=True) == T(seed=5, shuffle=True)  # and is reproducible
+
+
+def test_keep_tokens_separator_head_and_tail():
+    cap = "aaa, bbb ||| ccc, ddd, eee, fff ||| ggg, hhh"
+    for seed in range(10):
+        out = T(cap, seed=seed, shuffle=True, keep_tokens_separator="|||").split(", ")
+        assert out[:2] == ["aaa", "bbb"] and out[-2:] == ["ggg", "hhh"] and sorted(out[2:6]) == ["ccc", "ddd", "eee", "fff"]
+
+
+def test_tag_dropout_all_and_none():
+    assert T(tag_dropout_rate=1.0, keep_tokens=1) == "a"
+    assert T(tag_dropout_rate=0.0) == CAP
+
+
+def test_protected_tags_never_dropped():
+    out = T("keep, artist:zz, x, y, z", tag_dropout_rate=1.0, protected=("keep", "artist:*"))
+    assert out == "keep, artist:zz"
+
+
+def test_caption_dropout_rate_and_every_n_epochs():
+    assert T(dropout_rate=1.0, prefix="p") == ""
+    assert T(dropout_rate=0.0) == CAP
+    # every 2nd epoch counted from 1 (sd-scripts): 0-based epochs 1, 3, 5 drop
+    dropped = [T(epoch=e, dropout_every_n_epochs=2) == "" for e in range(6)]
+    assert dropped == [False, True, False, True, False, True]
+    rate = sum(caption_dropped(CaptionOptions(dropout_rate=0.25), 0, random.Random(i)) for i in range(20000)) / 20000
+    assert abs(rate - 0.25) < 0.015
+
+
+def test_multilevel_counts_exact():
+    # n = 100: level counts max(30, 10) = 30, max(40, 15) = 40, min(100, 6) = 6, min(100, 4) = 4
+    # n = 12:  max(3, 10) = 10, max(4, 15) = 15 -> at most 12, 6, 4
+    class FixedU(random.Random):
+        def __init__(self, u):
+            super().__init__(0)
+            self.u = u
+
+        def random(self):
+            return self.u
+
+    for u, n100, n12 in [(0.0, 30, 10), (0.29, 30, 10), (0.31, 40, 12), (0.49, 40, 12), (0.55, 6, 6),
+                         (0.61, 4, 4), (0.639, 4, 4), (0.65, 0, 0), (0.99, 0, 0)]:
+        assert multilevel_drop_count(100, FixedU(u)) == n100
+        assert multilevel_drop_count(12, FixedU(u)) == n12
+
+
+def test_multilevel_frequencies_match_probabilities():
+    rng = random.Random(1234)
+    counts = Counter(multilevel_drop_count(100, rng) for _ in range(100_000))
+    expected = {30: 0.30, 40: 0.20, 6: 0.10, 4: 0.04, 0: 0.36}
+    assert set(counts) == set(expected)
+    for k, p in expected.items():
+        assert abs(counts[k] / 100_000 - p) < 0.01, (k, counts[k])
+
+
+def test_multilevel_dropout_respects_protected_and_kept():
+    tags = [f"t{i}" for i in range(20)]
+    for seed in range(50):
+        out = T(", ".join(tags), seed=seed, multilevel_dropout=True, keep_tokens=2, protected=("t5",)).split(", ")
+        assert out[:2] == ["t0", "t1"] and "t5" in out
+        # n = 20, 17 droppable: drop 10 -> 10 left, 15 -> 5, 6 -> 14, 4 -> 16, none -> 20
+        assert len(out) in (10, 5, 14, 16, 20)
+    assert T("x, y", multilevel_dropout=True, seed=0, protected=("x", "y")) == "x, y"  # nothing droppable
+
+
+def test_synonyms_probability_one_and_zero():
+    syn = {"1girl": ("one girl",), "red": ("crimson", "scarlet")}
+    assert T("1girl, red, blue", synonyms=syn, synonym_probability=1.0, seed=0) in (
+        "one girl, crimson, blue", "one girl, scarlet, blue")
+    assert T("1girl, red", synonyms=syn, synonym_probability=0.0) == "1girl, red"
+    outs = Counter(T("red", synonyms=syn, synonym_probability=0.5, seed=s) for s in range(4000))
+    assert set(outs) == {"red", "crimson", "scarlet"} and abs(outs["red"] / 4000 - 0.5) < 0.04
+
+
+def test_quality_tag_is_first_and_never_dropped():
+    assert T("a, b", quality="masterpiece", tag_dropout_rate=1.0) == "masterpiece"
+    assert T("a, b", quality="best quality", shuffle=True, seed=3).startswith("best quality, ")
+
+
+def test_quality_tags_for_scores_percentiles():
+    names = ["worst", "bad", "average", "good", "best", "masterpiece"]
+    bounds = [8, 20, 60, 82, 92, 100]
+    scores = [float(s) for s in range(1, 101)]  # rank of score s = s %
+    tags = quality_tags_for_scores(scores, bounds, names)
+    assert [tags[i - 1] for i in (1, 8, 9, 20, 21, 60, 61, 82, 83, 92, 93, 100)] == [
+        "worst", "worst", "bad", "bad", "average", "average", "good", "good", "best", "best", "masterpiece",
+        "masterpiece"]
+    assert quality_tags_for_scores([None, 3.0, 1.0], bounds, names) == [None, "masterpiece", "average"]
+    assert quality_tags_for_scores([5.0, 5.0], bounds, names) == ["masterpiece", "masterpiece"]  # ties rank together
+
+
+def test_tag_order_is_stable_and_applied_before_keep_tokens():
+    assert order_tags(["x", "solo", "1girl", "y", "rating:safe"], ("1girl", "solo", "rating:*")) == [
+        "1girl", "solo", "rating:safe", "x", "y"]
+    assert T("x, solo, 1girl, y", tag_order=("1girl", "solo"), keep_tokens=2, shuffle=True, seed=1).startswith(
+        "1girl, solo, ")
+
+
+def test_pick_caption_line():
+    assert pick_caption_line([], random.Random(0)) == ""
+    assert pick_caption_line(["only"], random.Random(0)) == "only"
+    assert {pick_caption_line(["a", "b", "c"], random.Random(i)) for i in range(50)} == {"a", "b", "c"}
+
+
+def test_split_and_tag_frequency():
+    assert split_tags(" a ,b,, c ", ",") == ["a", "b", "c"]
+    assert tag_frequency(["a, b, a", "b, c"], ",") == {"a": 1, "b": 2, "c": 1}
+
+
+def test_draw_order_is_fixed():
+    opts = dict(shuffle=True, tag_dropout_rate=0.3, multilevel_dropout=True, dropout_rate=0.1,
+                synonyms={"a": ("A",)}, synonym_probability=0.5)
+    assert [T(seed=s, **opts) for s in range(30)] == [T(seed=s, **opts) for s in range(30)]
