@@ -366,7 +366,8 @@ def test_script_flags():
 
 @pytest.mark.parametrize("argv, expected", [
     (["--learning_rat", "1"], "unknown option --learning_rat. Did you mean --learning_rate?"),
-    (["--optimizer.learning_rat=1"], "unknown option --optimizer.learning_rat. Did you mean --optimizer.learning_rate?"),
+    (["--optimizer.learning_rat=1"],
+     "unknown option --optimizer.learning_rat. Did you mean --optimizer.learning_rate?"),
     (["--offset=1"], "unknown option --offset. Did you mean --noise.offset?"),
     (["--bogus_key_xyz"], "unknown option --bogus_key_xyz. Run with --help"),
     (["seed=1"], "unexpected command-line argument 'seed=1'"),
