@@ -53,7 +53,7 @@ def read_header(path: Path) -> ImageHeader:
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"corrupt header ({e})") from None
+        raise BadImage(f"truncated or corrupt ({e})") from None
     if w < 1 or h < 1:
         raise BadImage(f"invalid size {w}x{h}")
     _check_tail(path, fmt, st.st_size)
