@@ -1,0 +1,181 @@
+"""Load the base model a `[model]` table names: a diffusers folder, a single checkpoint file or a `tiny:` reference.
+
+Family and prediction type are read from the model (folder configs) unless the config forces them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.config.model import ModelConfig
+from library.errors import ModelFileError
+from library.models.families import Family, PredictionType
+from library.models.model import SDModel
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+ACCEPTED = (
+    "a diffusers folder (with model_index.json and unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
+    "a single checkpoint file (" + ", ".join(SINGLE_FILE_SUFFIXES) + "), "
+    "or 'tiny:sd15' | 'tiny:sd2' | 'tiny:sdxl' (embedded test models)"
+)
+
+
+def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDModel:
+    """Load `cfg.pretrained_model_name_or_path` with every weight in `dtype`, modules in eval mode, no grads."""
+    from library.models.tiny import resolve_model_ref
+
+    ref = cfg.pretrained_model_name_or_path.strip()
+    if ref.startswith("tiny:"):
+        model = load_diffusers_folder(resolve_model_ref(ref), cfg, dtype=dtype)
+        model.source = ref
+        model.extra["tiny"] = ref
+    else:
+        path = Path(ref).expanduser()
+        if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            from library.models.single_file import load_single_file  # written separately; heavy key maps
+
+            model = load_single_file(path, cfg)
+        elif path.is_dir():
+            model = load_diffusers_folder(path, cfg, dtype=dtype)
+        elif path.is_file():
+            raise ModelFileError(f"model.pretrained_model_name_or_path: {path} is not a model file; accepted: {ACCEPTED}")
+        else:
+            hint = ""
+            if "/" in ref and not path.is_absolute() and not ref.startswith("."):
+                hint = " (model hub names are not downloaded: download the model and give its local path)"
+            raise ModelFileError(
+                f"model.pretrained_model_name_or_path: {ref} does not exist{hint}; accepted: {ACCEPTED}"
+            )
+    if cfg.vae:
+        model.vae = load_vae(Path(cfg.vae).expanduser(), model, dtype)
+    forced = cfg.resolved_prediction_type()
+    if forced:
+        set_prediction_type(model, forced)  # type: ignore[arg-type]
+    for module in (model.unet, model.vae, *model.text_encoders):
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+        module.eval().requires_grad_(False)
+    return model
+
+
+def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDModel:
+    """Load a diffusers-format pipeline folder (as written by diffusers' `save_pretrained` or `save_diffusers`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    unet_config = _read_json(_require(folder, "unet/config.json"))
+    family: Family = cfg.resolved_family() or detect_family(index, unet_config)  # type: ignore[assignment]
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else {}
+    n_text = 2 if family == "sdxl" else 1
+    te_names, tok_names = ["text_encoder", "text_encoder_2"][:n_text], ["tokenizer", "tokenizer_2"][:n_text]
+    for sub in ("vae/config.json", *(f"{n}/config.json" for n in te_names), *tok_names):
+        _require(folder, sub, family)
+    variant = cfg.variant or None
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, variant=variant)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, variant=variant)
+        text_encoders = []
+        for name in te_names:
+            # SDXL's second encoder carries the pooled projection; everything else is a plain CLIPTextModel.
+            te_class = _read_json(folder / name / "config.json").get("architectures", [""])[0]
+            cls = CLIPTextModelWithProjection if te_class == "CLIPTextModelWithProjection" else CLIPTextModel
+            text_encoders.append(cls.from_pretrained(folder, subfolder=name, dtype=dtype, variant=variant))
+        tokenizers = [CLIPTokenizer.from_pretrained(folder / name) for name in tok_names]
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{folder}: cannot load this diffusers folder ({type(e).__name__}: {e})") from e
+    prediction: PredictionType = scheduler_config.get("prediction_type") or "epsilon"
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ModelFileError(
+            f"{scheduler_path}: prediction_type {prediction!r} is not supported (epsilon or v_prediction); "
+            "set model.prediction_type to override"
+        )
+    extra: dict[str, Any] = {}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        extra["zero_terminal_snr"] = True  # trained with zero-terminal-SNR betas (arXiv 2305.08891)
+    model = SDModel(
+        family=family, prediction_type=prediction, unet=unet, vae=vae, text_encoders=text_encoders,
+        tokenizers=tokenizers, scheduler_config=scheduler_config, source=str(folder), config_dir=folder, extra=extra,
+    )
+    set_prediction_type(model, prediction)
+    return model
+
+
+def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any]) -> Family:
+    """SD1 / SD2 / SDXL from a folder's model_index.json and unet/config.json.
+
+    SDXL: its pipeline class, a second text encoder, or the UNet's `text_time` size conditioning. SD1 vs SD2: the
+    context width (768 vs 1024) of released models; other widths (tiny or unusual models) are told apart by SD2's
+    linear projections in the transformer blocks (SD1 uses 1x1 convolutions).
+    """
+    if (
+        "XL" in str(model_index.get("_class_name", ""))
+        or "text_encoder_2" in model_index
+        or unet_config.get("addition_embed_type") == "text_time"
+    ):
+        return "sdxl"
+    match unet_config.get("cross_attention_dim"):
+        case 768:
+            return "sd1"
+        case 1024:
+            return "sd2"
+        case _:
+            return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+def set_prediction_type(model: SDModel, prediction: PredictionType) -> None:
+    """Set the prediction type on the model and on its scheduler config (which samplers and saving read)."""
+    model.prediction_type = prediction
+    model.scheduler_config = {**model.scheduler_config, "prediction_type": prediction}
+
+
+def load_vae(path: Path, model: SDModel, dtype: torch.dtype) -> Any:
+    """A replacement VAE: a diffusers VAE folder (config.json + weights, or a pipeline folder with vae/), or one
+    .safetensors file in diffusers or original (LDM) naming, read with the model's own VAE config."""
+    from diffusers import AutoencoderKL
+
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").is_file() else None
+            return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
+        if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            from safetensors.torch import load_file
+
+            if path.suffix.lower() == ".safetensors":
+                state = load_file(path)
+                if any(k.startswith("encoder.down_blocks.") for k in state):  # already diffusers naming
+                    vae = AutoencoderKL.from_config(model.vae.config)
+                    vae.load_state_dict(state, strict=True)
+                    return vae.to(dtype)
+            return AutoencoderKL.from_single_file(
+                str(path), config=str(model.config_dir), subfolder="vae", torch_dtype=dtype, local_files_only=True
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelFileError(f"model.vae: cannot load {path} as a VAE ({type(e).__name__}: {e})") from e
+    raise ModelFileError(
+        f"model.vae: {path} does not exist or is not a VAE; give a diffusers VAE folder or a .safetensors file"
+    )
+
+
+def _require(folder: Path, sub: str, family: str | None = None) -> Path:
+    path = folder / sub
+    if not path.exists():
+        what = f" (needed for an {family} model)" if family else ""
+        raise ModelFileError(
+            f"{folder}: missing {sub}{what}; expected a diffusers folder with model_index.json and "
+            "unet/, vae/, text_encoder/, tokenizer/, scheduler/ (SDXL also text_encoder_2/, tokenizer_2/)"
+        )
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not readable JSON ({e})") from e
