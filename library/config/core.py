@@ -76,13 +76,16 @@ def load_config(root_cls: type, toml_dict_or_path: dict | str | os.PathLike, *, 
     return cfg
 
 
-
 def _comment(text: str) -> list[str]:
     return [f"# {line}".rstrip() for line in text.splitlines()]
 
 
 def dump_toml(cfg: Any, *, comments: bool = True) -> str:
-    """The fully resolved config as TOML, each key preceded by its help line; `load_config` reads it back equal."""
+    """The fully resolved config as TOML, each key preceded by its help line; `load_config` reads it back equal.
+
+    An unset Optional key (None) is written as a comment, since TOML has no null and a left-out key means its default;
+    None in a field whose default is not None cannot be written (ValueError: a programming error, not a user one).
+    """
     lines: list[str] = []
     _dump_table(cfg, (), lines, comments)
     return "\n".join(lines).strip("\n") + "\n"
@@ -102,7 +105,8 @@ def _dump_table(obj: Any, path: tuple, lines: list[str], comments: bool) -> None
         if v is None:
             if f.default is not None:  # TOML has no null: a left-out key means the default, which is not None
                 raise ValueError(f"{dotted(path + (f.name,))} is None but its default is not; TOML cannot say that")
-            lines.append(f"# {f.name} is not set")
+            if comments:
+                lines.append(f"# {f.name} is not set")
         else:
             lines.append(f"{toml_key_text(f.name)} = {toml_value_text(to_dict(v))}")
     for f in later:

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import os
 import re
 import sys
@@ -80,6 +81,13 @@ def is_table_list_type(tp: Any) -> bool:
 
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of every init field of a config dataclass (string annotations are evaluated)."""
+    return dict(_field_types(cls))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    # Memoised: evaluating string annotations compiles each one, and every load walks the whole tree several times
+    # (schema check, build, dump). A class's annotations do not change after it is defined.
     try:
         hints = typing.get_type_hints(cls)
     except NameError as e:  # a type only imported under TYPE_CHECKING, or a class defined inside a function
