@@ -376,6 +376,7 @@ def test_script_flags():
     (["--seed"], "--seed needs a value: --seed=VALUE (type int)"),
     (["--seed", "--dry-run"], "--seed needs a value"),
     (["--config"], "--config needs a file"),
+    (["--config="], "--config needs a file"),
     (["--seed", "x"], "command-line option --seed 'x': key 'seed' at the top level must be int, got string \"x\""),
     (["--optimizer.optimizer_type=adam"], 'must be one of "adamw", "adamw8bit", "lion", got string "adam"'),
     (["--optimizer.betas", "0.9,0.99"], "(write a TOML value, e.g. --optimizer.betas='[1, 2]'"),

@@ -104,6 +104,8 @@ def parse_cli(
                 if i >= len(argv) or argv[i].startswith("--"):
                     raise ConfigError(f"--{name} needs a file: --{name} run.toml")
                 value, i = argv[i], i + 1
+            if not value:
+                raise ConfigError(f"--{name} needs a file: --{name} run.toml")
             flags.config = value
             continue
         if norm in SCRIPT_FLAGS or norm in extra:
