@@ -48,6 +48,39 @@ batch_size = 2
   # This subset uses keep_tokens = 1 (the value of [general])
 """
 
+# sd-scripts docs/config_README-en.md, multi-resolution example with skip_image_resolution, verbatim.
+SD_SCRIPTS_MULTIRES = r"""
+[general]
+enable_bucket = true
+bucket_no_upscale = true
+max_bucket_reso = 1536
+
+[[datasets]]
+resolution = 768
+  [[datasets.subsets]]
+  image_dir = 'C:\hoge'
+
+[[datasets]]
+resolution = 1024
+skip_image_resolution = 768
+  [[datasets.subsets]]
+  image_dir = 'C:\hoge'
+
+[[datasets]]
+resolution = 1280
+skip_image_resolution = 1024
+  [[datasets.subsets]]
+  image_dir = 'C:\hoge'
+"""
+
+
+def test_sd_scripts_multires_example(tmp_path):
+    f = tmp_path / "multi.toml"
+    f.write_text(SD_SCRIPTS_MULTIRES, encoding="utf-8")
+    specs = resolve_datasets(load_dataset_file(f), DataConfig(), 512, tmp_path)
+    assert [(s.resolution, s.skip_image_resolution, s.max_bucket_reso, s.bucket_no_upscale) for s in specs] == [
+        ((768, 768), 0, 1536, True), ((1024, 1024), 768, 1536, True), ((1280, 1280), 1024, 1536, True)]
+
 
 def test_sd_scripts_example_fallbacks(tmp_path):
     f = tmp_path / "dataset.toml"

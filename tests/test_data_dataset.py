@@ -208,3 +208,19 @@ def test_sequence_length_mode_sizes_batches_per_bucket(tmp_path):
     data = build_train_data(c, default_resolution=512, seed=0)
     sizes = sorted((b["pixels"].shape[-1], len(b["captions"])) for b in data)
     assert sizes == [(32, 2), (32, 4), (64, 1), (64, 1)]  # 64 // 16 = 4 small per batch, 64 // 64 = 1 large
+
+
+def test_skip_image_resolution_leaves_small_images_out(tmp_path, capsys):
+    png(tmp_path / "small.png", 40, 40)
+    png(tmp_path / "big.png", 64, 64)
+    c = cfg(tmp_path, skip_image_resolution=48)
+    index = index_datasets(dataset_specs(c, 512), c)
+    assert [it.path.name for it in index.items] == ["big.png"]
+    assert "1 image(s)" in capsys.readouterr().err
+
+
+def test_demo_dataset_reference():
+    data = build_train_data(DataConfig(train_data_dir="demo:shapes", resolution=64, min_bucket_reso=64,
+                                       max_bucket_reso=128, num_workers=0), default_resolution=512, seed=0)
+    batch = next(iter(data))
+    assert data.num_images > 0 and batch["pixels"].shape[-2:] == (64, 64) and batch["captions"][0]

@@ -38,6 +38,7 @@ class DataConfig:
     max_bucket_reso: int = opt(0, "Largest bucket side in pixels; 0 = twice the larger resolution side.")
     bucket_reso_steps: int = opt(64, "Bucket side step in pixels: 64, or 32 for SDXL only.")
     bucket_no_upscale: bool = opt(False, "Give each image its own bucket no larger than the image (never upscale).")
+    skip_image_resolution: int | list[int] = opt(0, "Leave out images whose area is at most this size (side or [w, h]); 0 = off.")
     num_repeats: int = opt(1, "Times each image is seen per epoch (sd-scripts '<repeats>_' folder prefix overrides it).")
     caption_extension: str = opt(".txt", "Caption file extension next to each image.")
     caption_separator: str = opt(",", "Separator between tags in a caption.")

@@ -6,8 +6,7 @@ anywhere; `image_dir`, `class_tokens`, `is_reg`, `metadata_file` only in `[[data
 from the subset, else its dataset, else `[general]`, else the `[data]` table (sd-scripts: the command line).
 Checked as strictly as every other table: an unknown key, a key in the wrong place, or a wrong type is a
 ConfigError naming the file, the table and the valid keys. sd-scripts keys sdtk does not implement (color_aug,
-face_crop_aug_range, enable_wildcard, token warm-up, resize_interpolation, skip_image_resolution,
-conditioning_data_dir) are accepted only at their neutral value, and refused otherwise, never silently ignored.
+face_crop_aug_range, enable_wildcard, token warm-up, resize_interpolation, conditioning_data_dir) are accepted only at their neutral value, and refused otherwise, never silently ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from library.errors import ConfigError
 # Keys of sd-scripts we accept but do not implement -> their neutral value (anything else is refused).
 UNSUPPORTED_NEUTRAL: dict[str, Any] = {
     "color_aug": False, "face_crop_aug_range": None, "enable_wildcard": False, "token_warmup_min": 1,
-    "token_warmup_step": 0, "resize_interpolation": None, "skip_image_resolution": None, "conditioning_data_dir": None,
+    "token_warmup_step": 0, "resize_interpolation": None, "conditioning_data_dir": None,
 }
 
 
@@ -69,7 +68,7 @@ class _DatasetKeys:
     max_bucket_reso: int | None = opt(None, "Largest bucket side.")
     bucket_reso_steps: int | None = opt(None, "Bucket side step.")
     bucket_no_upscale: bool | None = opt(None, "Never upscale; per-image buckets.")
-    skip_image_resolution: int | list[int] | None = opt(None, "Not supported by sdtk.")
+    skip_image_resolution: int | list[int] | None = opt(None, "Leave out images whose area is at most this size.")
 
 
 @dataclass
@@ -142,6 +141,7 @@ class DatasetSpec:
     bucket_reso_steps: int
     bucket_no_upscale: bool
     subsets: list[SubsetSpec]
+    skip_image_resolution: int | list[int] = 0  # a side or [width, height]; 0 = keep every image
 
 
 SUBSET_FIELDS = [f.name for f in dataclasses.fields(SubsetSpec) if f.name not in ("image_dir", "metadata_file", "class_tokens", "is_reg", "name")]

@@ -66,7 +66,7 @@ def dataset_specs(cfg: DataConfig, default_resolution: int) -> list[DatasetSpec]
             subsets += _folder_subsets(cfg, cfg.reg_data_dir, is_reg=True)
         res = resolution_pair(cfg.resolution, default_resolution, "data.resolution")
         specs = [DatasetSpec(res, cfg.batch_size, cfg.enable_bucket, cfg.min_bucket_reso, cfg.max_bucket_reso,
-                             cfg.bucket_reso_steps, cfg.bucket_no_upscale, subsets)]
+                             cfg.bucket_reso_steps, cfg.bucket_no_upscale, subsets, cfg.skip_image_resolution)]
     else:
         raise ConfigError("no training data: set data.train_data_dir (a folder, or 'demo:shapes') or data.dataset_config")
     for i, spec in enumerate(specs):
@@ -138,6 +138,14 @@ def index_datasets(specs: list[DatasetSpec], cfg: DataConfig) -> DataIndex:
                 where = s.metadata_file or s.image_dir
                 raise DataError(f"{where}: no usable images (supported: .png .jpg .jpeg .webp .bmp"
                                 f"{'; see the skipped files above' if index.skipped else ''})")
+            if spec.skip_image_resolution:
+                # sd-scripts `skip_image_resolution`: images whose area is at most this size are left out.
+                w, h = resolution_pair(spec.skip_image_resolution, 0, "skip_image_resolution")
+                small = [it for it in items if it.header.size[0] * it.header.size[1] <= w * h]
+                if small:
+                    print(f"note: {len(small)} image(s) of '{s.name}' are at most {w}x{h} pixels "
+                          f"(skip_image_resolution) and are left out of dataset #{di + 1}", file=sys.stderr)
+                    items = [it for it in items if it not in small]
             (reg_items if s.is_reg else train_items).extend(items)
         index.items.extend(train_items)
         index.items.extend(balance_regularization(train_items, reg_items))

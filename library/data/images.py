@@ -48,7 +48,10 @@ def read_header(path: Path) -> ImageHeader:
         with Image.open(path) as img:
             w, h = img.size
             fmt = img.format
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "WEBP", "PNG") else 1
+            # PIL's PNG getexif() decodes the whole image when the eXIf chunk is not before the pixels; only look
+            # when the header already carried it (JPEG APP1 / WebP EXIF chunks are header data).
+            has_exif = fmt in ("JPEG", "WEBP", "MPO") or (fmt == "PNG" and "exif" in img.info)
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
             has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
