@@ -38,12 +38,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _progress(i: int, n: int) -> None:
+    if i % 50 == 0:
+        print(f"\rscanning image {i + 1} of {n}", end="", file=sys.stderr, flush=True)
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     th = Thresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Thresholds)})
     report = scan(resolve_dataset_ref(args.dir), caption_extension=args.caption_extension, thresholds=th,
-                  quick=args.quick)
+                  quick=args.quick, progress=_progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
     print(format_report(report, max_rows=args.max_rows))
     if args.json:
         write_text_atomic(args.json, json.dumps(report.to_json(), indent=1) + "\n")

@@ -206,15 +206,26 @@ def test_command_line_exit_codes_and_json(planted, tmp_path, capsys):
     assert "error: dataset folder" in capsys.readouterr().err
 
 
+def test_same_image_extensions_as_the_loader():
+    from library.data import images  # imports torch; the doctor itself must not
+
+    assert doctor.IMAGE_EXTENSIONS == images.IMAGE_EXTENSIONS
+
+
 def test_pure_statistics():
     flat = np.full((5, 5), 10.0)
     assert imagestats.laplacian_variance(flat) == 0.0
     dot = flat.copy()
     dot[2, 2] = 14.0  # interior Laplacian: -16 at the centre, +4 at its 4 neighbours, 0 at the other 4 of 3x3
     assert imagestats.laplacian_variance(dot) == pytest.approx(np.var([-16, 4, 4, 4, 4, 0, 0, 0, 0]))
+    ramp = np.arange(101, dtype=np.float64)  # percentiles 1 and 99 are 1.0 and 99.0
+    assert imagestats.stretch(ramp)[[1, 50, 99]].tolist() == pytest.approx([0.0, 255 * 49 / 98, 255.0])
+    assert imagestats.stretch(np.array([10.0, 12.0]), min_range=8.0).max() <= 255 * 2 / 8 + 1e-9
     rgb = np.array([[[255, 0, 0], [250, 250, 250]], [[10, 0, 0], [200, 100, 100]]], dtype=np.uint8)
     assert imagestats.saturated_fraction(rgb) == 0.25  # (10, 0, 0) is too dark to count
     assert imagestats.luma(rgb)[0, 0] == pytest.approx(0.299 * 255)
-    assert imagestats.hamming_matrix(["0000000000000000", "ff00000000000001"]).tolist() == [[0, 9], [9, 0]]
+    hashes = ["0000000000000000", "ff00000000000001", "0000000000000003", "ff00000000000001"]
+    assert imagestats.close_pairs(hashes, 2) == [(0, 2, 2), (1, 3, 0)]
+    assert imagestats.close_pairs(hashes, 9)[:2] == [(0, 1, 9), (0, 2, 2)]
     ring = imagestats.border_ring(np.arange(6 * 6 * 3).reshape(6, 6, 3), frac=0.2)
     assert ring.shape == (20, 3)  # 36 pixels minus the 4x4 interior

@@ -230,7 +230,8 @@ def check_image(path: Path, root: Path, caption_extension: str, th: Thresholds, 
     if quick:
         return info
     if min(w, h) < th.min_side:
-        findings.append(Finding("tiny", rel, f"{w}x{h}: short side below {th.min_side} px; it will be upscaled",
+        findings.append(Finding("tiny", rel, f"{w}x{h}: short side below {th.min_side} px; it will be upscaled "
+                                             f"(unless bucket_no_upscale)",
                                 min(w, h)))
     aspect = max(w, h) / min(w, h)
     if aspect > th.max_aspect:
@@ -271,7 +272,6 @@ def near_duplicates(images: list[ImageInfo], th: Thresholds) -> list[Finding]:
     items = [i for i in images if i.stats is not None]
     if len(items) < 2:
         return []
-    dist = imagestats.hamming_matrix([i.stats.phash for i in items])
     colours = np.array([i.stats.mean_colour for i in items])
     parent = list(range(len(items)))
 
@@ -281,12 +281,10 @@ def near_duplicates(images: list[ImageInfo], th: Thresholds) -> list[Finding]:
             a = parent[a]
         return a
 
-    close = np.argwhere(np.triu(dist <= th.duplicate_bits, k=1))
-    pair_dist = {}
-    for a, b in close:
+    hashes = [i.stats.phash for i in items]
+    for a, b, _ in imagestats.close_pairs(hashes, th.duplicate_bits):
         if np.linalg.norm(colours[a] - colours[b]) < th.duplicate_colour:
             parent[find(b)] = find(a)
-            pair_dist[(int(a), int(b))] = int(dist[a, b])
     groups: dict[int, list[int]] = collections.defaultdict(list)
     for k in range(len(items)):
         groups[find(k)].append(k)
@@ -295,7 +293,7 @@ def near_duplicates(images: list[ImageInfo], th: Thresholds) -> list[Finding]:
         first = min(members)
         for m in sorted(members):
             if m != first:
-                d = int(dist[first, m])
+                d = imagestats.close_pairs([hashes[first], hashes[m]], 64)[0][2]
                 out.append(Finding("near_duplicate", items[m].path, f"near-duplicate of {items[first].path} "
                                                                     f"(pHash distance {d})", d))
     return out

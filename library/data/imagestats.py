@@ -95,15 +95,17 @@ def image_stats(img: Image.Image) -> ImageStats:
     )
 
 
-def hamming_matrix(hashes_hex: list[str]) -> np.ndarray:
-    """Pairwise Hamming distances (N, N) of 64-bit hex hashes, vectorised with a byte popcount table.
-    O(N^2) memory and time: fine for tens of thousands of images, chunk it beyond."""
-    n = len(hashes_hex)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.int64)
+def close_pairs(hashes_hex: list[str], max_bits: int) -> list[tuple[int, int, int]]:
+    """(i, j, distance) for every i < j whose 64-bit hex hashes differ in at most `max_bits` bits.
+
+    One vectorised row at a time (XOR, then a byte popcount table), so memory stays O(N); time is O(N^2) byte
+    operations, about a minute for 50,000 images."""
+    if not hashes_hex:
+        return []
     as_bytes = np.array([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hashes_hex])  # (N, 8)
     popcount = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    out = np.empty((n, n), dtype=np.int64)
-    for i in range(n):
-        out[i] = popcount[np.bitwise_xor(as_bytes[i], as_bytes)].sum(axis=1)
+    out = []
+    for i in range(len(hashes_hex) - 1):
+        d = popcount[np.bitwise_xor(as_bytes[i], as_bytes[i + 1:])].sum(axis=1, dtype=np.int64)
+        out.extend((i, i + 1 + int(k), int(d[k])) for k in np.flatnonzero(d <= max_bits))
     return out
