@@ -40,7 +40,7 @@ class DataConfig:
     bucket_no_upscale: bool = opt(False, "Give each image its own bucket no larger than the image (never upscale).")
     skip_image_resolution: int | list[int] = opt(0, "Leave out images whose area is at most this size (side or [w, h]); 0 = off.")
     num_repeats: int = opt(1, "Times each image is seen per epoch (sd-scripts '<repeats>_' folder prefix overrides it).")
-    caption_extension: str = opt(".txt", "Caption file extension next to each image.")
+    caption_extension: str = opt(".txt", "Caption file extension next to each image (sd-scripts' default is .caption).")
     caption_separator: str = opt(",", "Separator between tags in a caption.")
     secondary_separator: str = opt("", "Joins parts that act as one tag (shuffled and dropped together), then becomes caption_separator.")
     keep_tokens: int = opt(0, "Leading tags kept in place: never shuffled, never dropped.")

@@ -47,7 +47,7 @@ class CacheRequest:
 
     @property
     def key(self) -> str:
-        return f"{self.path.resolve()}|{self.bucket[0]}x{self.bucket[1]}"
+        return f"{self.path.resolve()}|{self.bucket[0]}x{self.bucket[1]}|{self.resized[0]}x{self.resized[1]}"
 
     def record(self, vae_id: str, dtype: torch.dtype) -> dict:
         """What the cached latent depends on (compared field by field with the manifest)."""
@@ -61,7 +61,7 @@ def vae_identity(vae) -> str:
     h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     for name, t in vae.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 

@@ -16,6 +16,7 @@ import re
 import sys
 import tomllib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def dataset_specs(cfg: DataConfig, default_resolution: int) -> list[DatasetSpec]
     if cfg.dataset_config:
         path = Path(cfg.dataset_config).expanduser()
         specs = resolve_datasets(load_dataset_file(path), cfg, default_resolution, path.parent)
+        ignored = [k for k in ("train_data_dir", "reg_data_dir", "metadata_file") if getattr(cfg, k)]
+        if ignored:  # sd-scripts ignores them too when a dataset config is given
+            print(f"warning: data.{', data.'.join(ignored)} ignored: data.dataset_config defines the datasets",
+                  file=sys.stderr)
     elif cfg.train_data_dir:
         subsets = _folder_subsets(cfg, cfg.train_data_dir, is_reg=False)
         if cfg.reg_data_dir:
@@ -264,6 +269,13 @@ def _header(path: Path, index: DataIndex) -> ImageHeader | None:
         return None
 
 
+def _try_header(path: Path) -> ImageHeader | BadImage:
+    try:
+        return read_header(path)
+    except BadImage as e:
+        return e
+
+
 def _read_caption(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -276,10 +288,13 @@ def _scan_folder(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[Imag
     root = Path(s.image_dir)
     if not root.is_dir():
         raise DataError(f"image folder {root} not found (subset '{s.name}')")
+    paths = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound (network disks): overlap them
+        headers = list(pool.map(_try_header, paths))
     items = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)):
-        header = _header(path, index)
-        if header is None:
+    for path, header in zip(paths, headers):
+        if isinstance(header, BadImage):
+            index.skipped.append((path, str(header)))
             continue
         cap = path.with_name(path.stem + s.caption_extension)
         if cap.is_file():
