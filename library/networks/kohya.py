@@ -100,8 +100,8 @@ def network_state_dict_kohya(model: SDModel, network: Network, dtype: torch.dtyp
         tensors = lycoris.module_tensors(network.module_type, m, network.adapter_name)
         covered += len(tensors) - 1  # all but alpha are parameters
         for suffix, t in tensors.items():
-            t = t.detach().to("cpu").contiguous()
-            sd[f"{name}.{suffix}"] = t.to(dtype) if dtype is not None else t.clone()
+            t = t.detach() if t.is_meta else t.detach().to("cpu")  # meta: key-name checks without weights
+            sd[f"{name}.{suffix}"] = (t.to(dtype) if dtype is not None else t.clone()).contiguous()
     if covered != len(trained):
         raise ModelFileError(f"kohya export covered {covered} tensors but the network trains {len(trained)}")
     return sd

@@ -242,11 +242,22 @@ def plan_ranks(model: SDModel, cfg: NetworkConfig) -> dict[Component, dict[str, 
 def _peft_config(cfg: NetworkConfig, entries: dict[str, tuple[Kind, int, float, int]]):
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    # Exact full paths as targets; rank/alpha per module through peft's patterns (regex, hence re.escape).
-    targets = sorted(entries)
-    ranks = {re.escape(p): e[1] for p, e in entries.items()}
-    alphas = {re.escape(p): e[2] for p, e in entries.items()}
-    common = dict(r=cfg.network_dim, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+    # Exact full paths as one regex (peft fullmatches a str target_modules against every module path); rank and
+    # alpha through one pattern per distinct value. peft tries each pattern against each module, so one pattern per
+    # module made injection quadratic (minutes for SDXL).
+    def alternation(paths) -> str:
+        return "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+    by_rank: dict[int, list[str]] = {}
+    by_alpha: dict[float, list[str]] = {}
+    for path, (_, rank, alpha, _) in entries.items():
+        if rank != cfg.network_dim:  # the default needs no pattern
+            by_rank.setdefault(rank, []).append(path)
+        if alpha != cfg.network_alpha:
+            by_alpha.setdefault(alpha, []).append(path)
+    common = dict(r=cfg.network_dim, target_modules=alternation(entries),
+                  rank_pattern={alternation(ps): r for r, ps in by_rank.items()},
+                  alpha_pattern={alternation(ps): a for a, ps in by_alpha.items()})
     match cfg.module:
         case "lora" | "locon" | "dora":
             return LoraConfig(lora_alpha=cfg.network_alpha, lora_dropout=cfg.network_dropout,
