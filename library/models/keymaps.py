@@ -157,7 +157,7 @@ def _backward(transform: Transform, tensor: Any, n: int) -> list[Any]:
         case "qkv":
             if tensor.shape[0] % n:
                 raise KeyMapError(f"fused in_proj tensor of shape {list(tensor.shape)} cannot split into {n} parts")
-            return list(tensor.chunk(n, dim=0))
+            return [t.clone() for t in tensor.chunk(n, dim=0)]  # own storage: savable as separate tensors
         case _:
             raise AssertionError(f"unknown transform {transform!r}")
 
