@@ -13,7 +13,7 @@ from library.config.data import DataConfig
 from library.data.dataset import ImageItem, balance_regularization, dataset_specs, index_datasets
 from library.data.images import ImageHeader, load_image, read_header
 from library.data.loader import build_train_data
-from library.errors import DataError
+from library.errors import ConfigError, DataError
 
 
 def png(path: Path, w: int, h: int, seed: int = 0, mode: str = "RGB") -> Path:
@@ -224,3 +224,27 @@ def test_demo_dataset_reference():
                                        max_bucket_reso=128, num_workers=0), default_resolution=512, seed=0)
     batch = next(iter(data))
     assert data.num_images > 0 and batch["pixels"].shape[-2:] == (64, 64) and batch["captions"][0]
+
+
+def test_dataset_toml_end_to_end_two_datasets(tmp_path, capsys):
+    for i in range(3):
+        png(tmp_path / "a" / f"a{i}.png", 64, 64, seed=i)
+        (tmp_path / "a" / f"a{i}.txt").write_text("alpha, x", encoding="utf-8")
+        png(tmp_path / "b" / f"b{i}.png", 64, 64, seed=10 + i)
+    (tmp_path / "ds.toml").write_text(
+        "[general]\nmin_bucket_reso = 32\nbucket_reso_steps = 32\n"
+        "[[datasets]]\nresolution = 64\nbatch_size = 3\n  [[datasets.subsets]]\n  image_dir = 'a'\n  num_repeats = 2\n"
+        "[[datasets]]\nresolution = 128\nbatch_size = 1\n  [[datasets.subsets]]\n  image_dir = 'b'\n"
+        "  class_tokens = 'beta'\n", encoding="utf-8")
+    c = DataConfig(dataset_config=str(tmp_path / "ds.toml"), train_data_dir="ignored", num_workers=0)
+    data = build_train_data(c, default_resolution=512, seed=0)
+    assert "train_data_dir ignored" in capsys.readouterr().err
+    shapes = sorted((tuple(b["pixels"].shape), tuple(b["captions"])) for b in data)
+    assert shapes == [((1, 3, 128, 128), ("beta",))] * 3 + [((3, 3, 64, 64), ("alpha, x",) * 3)] * 2
+    assert data.tag_frequency() == {"a": {"alpha": 3, "x": 3}, "b": {"beta": 3}}
+
+
+def test_max_bucket_reso_below_resolution_is_refused(tmp_path):
+    png(tmp_path / "a.png", 64, 64)
+    with pytest.raises(ConfigError, match="max_bucket_reso"):
+        dataset_specs(cfg(tmp_path, resolution=256, max_bucket_reso=128), 512)

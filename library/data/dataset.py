@@ -24,7 +24,7 @@ from library.config.data import DataConfig
 from library.config.dataset_file import DatasetSpec, SubsetSpec, load_dataset_file, resolve_datasets, resolution_pair
 from library.data import buckets as bk
 from library.data.captions import CaptionOptions, quality_tags_for_scores, split_tags
-from library.data.images import BadImage, ImageHeader, is_image_file, read_header
+from library.data.images import IMAGE_EXTENSIONS, BadImage, ImageHeader, is_image_file, read_header
 from library.errors import ConfigError, DataError
 
 _REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")
@@ -89,6 +89,8 @@ def _check_spec(spec: DatasetSpec, where: str) -> None:
     if spec.min_bucket_reso % step or max_reso % step or spec.min_bucket_reso > max_reso:
         raise ConfigError(f"{where}: min_bucket_reso ({spec.min_bucket_reso}) and max_bucket_reso ({max_reso}) must "
                           f"be multiples of bucket_reso_steps ({step}), min <= max")
+    if spec.enable_bucket and max_reso < max(spec.resolution):  # sd-scripts asserts the same
+        raise ConfigError(f"{where}: max_bucket_reso ({max_reso}) must be at least the resolution {spec.resolution}")
     for s in spec.subsets:
         if s.num_repeats < 1:
             raise ConfigError(f"{where}: subset {s.name}: num_repeats must be at least 1")
@@ -352,7 +354,7 @@ def _find_image(p: Path) -> Path | None:
     """The path itself, or with an image extension added (sd-scripts metadata keys may omit it)."""
     if p.is_file():
         return p
-    for ext in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+    for ext in sorted(IMAGE_EXTENSIONS):
         q = p.with_name(p.name + ext)
         if q.is_file():
             return q
