@@ -109,8 +109,6 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             ema.load_state_dict(saved["ema"])
         st.set_rng_state(saved["rng"], noise_gen)
         _say(accelerator, f"resumed from {resume_dir} at step {counters.step}")
-    else:
-        data.set_epoch(0)
 
     prompts = _sample_prompts(s)
     writer = _writer(s, out_dir) if accelerator.is_main_process else None
@@ -120,7 +118,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     timings = {"compute": 0.0, "save": 0.0, "sample": 0.0}
     consecutive_nan = 0
     result_path: Path | None = None
-    batches = _batch_stream(data, counters)
+    batches = _batch_stream(data)
     bar = _progress(s, accelerator, counters.step, steps_total)
     wall0 = time.perf_counter()
 
@@ -257,21 +255,15 @@ def _encode(model: SDModel, pixels: torch.Tensor, generator: torch.Generator) ->
     return (latents - shift) * model.vae.config.scaling_factor
 
 
-def _batch_stream(data: Any, counters: st.Counters) -> Iterator[tuple[int, dict, bool]]:
+def _batch_stream(data: Any) -> Iterator[tuple[int, dict, bool]]:
     """(epoch, batch, last batch of its epoch) forever, continuing from the data's (possibly restored) position.
 
-    The position within the epoch is kept in `counters.extra["batch_in_epoch"]` (saved with resume states); no
-    look-ahead, so the data's own position always equals the batches really consumed.
+    No look-ahead: the data's position always equals the batches really consumed, which resume states record.
     """
-    epoch = counters.epoch
     while True:
         for batch in data:
-            pos = counters.extra.get("batch_in_epoch", 0) + 1
-            counters.extra["batch_in_epoch"] = pos
-            yield epoch, batch, pos >= data.steps_per_epoch
-        epoch += 1
-        counters.extra["batch_in_epoch"] = 0
-        data.set_epoch(epoch)
+            yield data.epoch, batch, data.position >= data.steps_per_epoch
+        data.set_epoch(data.epoch + 1)
 
 
 def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs: int) -> bool:
