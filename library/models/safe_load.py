@@ -131,10 +131,14 @@ def load_pickle_weights(path: Path) -> dict[str, Any]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global outside torch's allow-list *before* calling it, so nothing ran.
+        text = str(e)
+        if "Unsupported global" not in text:  # a bad opcode: corrupt data or not a pickle at all
+            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a pickle)") from e
+        named = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
         raise ModelFileError(
-            f"{path}: refused to load: the pickle asks to run or import code that is not plain tensor data "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Only load checkpoints you trust; convert "
-            "a trusted one to .safetensors with another tool, or get a .safetensors release"
+            f"{path}: refused to load: the pickle asks to call code, not just store tensors "
+            f"({named.split(' was ')[0].removeprefix('WeightsUnpickler error: ')}); nothing from it was run. "
+            "Only load checkpoints you trust: get a .safetensors release, or convert a trusted one with another tool"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ModelFileError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
