@@ -133,3 +133,16 @@ def test_cache_only(images, tmp_path, vae):
     assert build_latent_cache(cfg(images, tmp_path), vae, default_resolution=512) == 3
     with pytest.raises(ConfigError, match="cache_latents_to_disk"):
         build_latent_cache(cfg(images, tmp_path, cache_latents_to_disk=False), vae, default_resolution=512)
+
+
+def test_image_that_fails_to_decode_is_dropped_and_listed(images, tmp_path, vae, capsys):
+    raw = bytearray((images / "i1.png").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(64)  # damaged pixel data; header and end chunk intact, so indexing accepts it
+    (images / "i1.png").write_bytes(bytes(raw))
+    data = build_train_data(cfg(images, tmp_path, cache_latents_to_disk=False), default_resolution=512, seed=0,
+                            vae=vae)
+    assert data.num_images == 2
+    assert sorted(c for b in data for c in b["captions"]) == ["cap 0", "cap 2"]
+    err = capsys.readouterr().err
+    assert "could not be decoded" in err and "i1.png" in err

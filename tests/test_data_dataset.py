@@ -248,3 +248,16 @@ def test_max_bucket_reso_below_resolution_is_refused(tmp_path):
     png(tmp_path / "a.png", 64, 64)
     with pytest.raises(ConfigError, match="max_bucket_reso"):
         dataset_specs(cfg(tmp_path, resolution=256, max_bucket_reso=128), 512)
+
+
+def test_ranks_see_disjoint_samples_and_epochs_differ(folder):
+    c = cfg(folder, shuffle_caption=True, batch_size=1)
+    ranks = [build_train_data(c, default_resolution=512, seed=2, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 6  # 12 samples, batch 1, 2 ranks
+    seen = [[(b["captions"][0], b["pixels"].sum().item()) for b in r] for r in ranks]
+    # together the two ranks see every sample exactly once (multiset of images equals the 1-rank epoch)
+    assert sorted(p for s in seen for _, p in s) == sorted(
+        b["pixels"].sum().item() for b in build_train_data(cfg(folder, batch_size=1), default_resolution=512, seed=2))
+    one = ranks[0]
+    one.set_epoch(1)
+    assert [b["captions"] for b in one] != [[c] for c, _ in seen[0]]

@@ -85,7 +85,7 @@ class DataConfig:
         for key in ("batch_size", "num_repeats", "vae_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be at least 1 (got {getattr(self, key)})")
-        if self.bucket_reso_steps not in (32,) and (self.bucket_reso_steps < 64 or self.bucket_reso_steps % 64):
+        if self.bucket_reso_steps != 32 and (self.bucket_reso_steps < 64 or self.bucket_reso_steps % 64):
             raise ConfigError(f"data.bucket_reso_steps must be a multiple of 64, or 32 for SDXL (got {self.bucket_reso_steps})")
         for key in ("min_bucket_reso", "max_bucket_reso"):
             if getattr(self, key) % self.bucket_reso_steps:
