@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from library.config.model import ModelConfig
 from library.errors import ConfigError, ModelFileError
 from library.models.configs import bundled_config_dir
-from library.models.load import detect_family, load_model
+from library.models.load import detect_family, load_model, load_vae
 from library.models.save import save_diffusers
 from library.models.text import encode_text, tokenize, unet_forward, sdxl_time_ids
 from library.models.tiny import build_tiny
@@ -169,13 +169,17 @@ def test_replacement_vae_from_folder_and_file(tmp_path):
     save_diffusers(donor, tmp_path / "donor", dtype=torch.float32)
     save_file(dict(donor.vae.state_dict()), tmp_path / "vae.safetensors")
     base = build_tiny("sd1")
-    for vae in (str(tmp_path / "donor"), str(tmp_path / "donor" / "vae"), str(tmp_path / "vae.safetensors")):
-        model = load_model(ModelConfig(pretrained_model_name_or_path="tiny:sd15", vae=vae))
-        sd = model.vae.state_dict()
-        assert all(torch.equal(sd[k], v) for k, v in donor.vae.state_dict().items()), vae
-        assert not torch.equal(sd["decoder.conv_out.weight"], base.vae.state_dict()["decoder.conv_out.weight"])
+    expected = donor.vae.state_dict()
+    assert not torch.equal(expected["decoder.conv_out.weight"], base.vae.state_dict()["decoder.conv_out.weight"])
+    for path in (tmp_path / "donor", tmp_path / "donor" / "vae", tmp_path / "vae.safetensors"):
+        got = load_vae(path, base, torch.float32).state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items()), path
+    model = load_model(ModelConfig(pretrained_model_name_or_path="tiny:sd15", vae=str(tmp_path / "vae.safetensors")),
+                       dtype=torch.bfloat16)
+    assert model.vae.dtype == torch.bfloat16
+    assert torch.equal(model.vae.state_dict()["decoder.conv_out.weight"], expected["decoder.conv_out.weight"].bfloat16())
     with pytest.raises(ModelFileError, match="model.vae"):
-        load_model(ModelConfig(pretrained_model_name_or_path="tiny:sd15", vae=str(tmp_path / "missing")))
+        load_vae(tmp_path / "missing", base, torch.float32)
 
 
 def test_model_config_validation():

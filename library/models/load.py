@@ -15,6 +15,7 @@ from library.config.model import ModelConfig
 from library.errors import ModelFileError
 from library.models.families import Family, PredictionType
 from library.models.model import SDModel
+from library.models.tiny import resolve_model_ref  # noqa: F401  (also part of this module's API)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 ACCEPTED = (
@@ -26,8 +27,6 @@ ACCEPTED = (
 
 def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDModel:
     """Load `cfg.pretrained_model_name_or_path` with every weight in `dtype`, modules in eval mode, no grads."""
-    from library.models.tiny import resolve_model_ref
-
     ref = cfg.pretrained_model_name_or_path.strip()
     if ref.startswith("tiny:"):
         model = load_diffusers_folder(resolve_model_ref(ref), cfg, dtype=dtype)
