@@ -261,3 +261,13 @@ def test_ranks_see_disjoint_samples_and_epochs_differ(folder):
     one = ranks[0]
     one.set_epoch(1)
     assert [b["captions"] for b in one] != [[c] for c, _ in seen[0]]
+
+
+def test_trailing_data_after_jpeg_is_not_truncation_and_16bit_png_loads(tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(tmp_path / "motion.jpg")
+    with open(tmp_path / "motion.jpg", "ab") as f:
+        f.write(b"\0\0\0\x18ftypmp42" * 1000)  # a phone "motion photo" appends a video after the JPEG
+    assert read_header(tmp_path / "motion.jpg").size == (32, 32)
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "g16.png")
+    img = load_image(tmp_path / "g16.png")
+    assert img.mode == "RGB" and np.asarray(img).min() == 255

@@ -23,6 +23,7 @@ import fnmatch
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def order_tags(tags: list[str], patterns: tuple[str, ...]) -> list[str]:
 # (probability, tags dropped as a function of the caption's tag count n). Our reading: the counts are upper bounds,
 # fractional counts are rounded down, the level is drawn once per caption, never more than the droppable tags
 # (protected and kept tags are never dropped) are removed, and with the remaining 36% nothing is dropped.
-MULTILEVEL_LEVELS: tuple[tuple[float, object], ...] = (
+MULTILEVEL_LEVELS: tuple[tuple[float, Callable[[int], int]], ...] = (
     (0.30, lambda n: max(int(0.3 * n), 10)),
     (0.20, lambda n: max(int(0.4 * n), 15)),
     (0.10, lambda n: min(n, 6)),

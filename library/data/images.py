@@ -75,10 +75,15 @@ def _check_tail(path: Path, fmt: str | None, size: int) -> None:
             return
         f.seek(max(0, size - 4096))
         tail = f.read()
-    if fmt == "PNG" and b"IEND" not in tail[-32:]:
-        raise BadImage("truncated (no PNG end chunk)")
-    if fmt == "JPEG" and b"\xff\xd9" not in tail:
-        raise BadImage("truncated (no JPEG end marker)")
+    missing = ("PNG end chunk" if fmt == "PNG" and b"IEND" not in tail[-32:]
+               else "JPEG end marker" if fmt == "JPEG" and b"\xff\xd9" not in tail else "")
+    if missing:
+        # Usually a cut-off file; but some valid files carry trailing data (phone "motion photos" append a video
+        # after the JPEG), so only a full decode decides. This is the rare path, the common one reads no pixels.
+        try:
+            load_image(path)
+        except BadImage as e:
+            raise BadImage(f"truncated (no {missing}; {e})") from None
 
 
 def load_image(path: Path) -> Image.Image:
@@ -87,6 +92,13 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale -> 8 bits
+                arr = np.asarray(img, dtype=np.float64)
+                if img.mode == "F":
+                    scale = 255.0 if arr.max() <= 1.0 else 1.0  # float images are usually in [0, 1]
+                else:
+                    scale = 1 / 257 if arr.max() > 255 else 1.0  # 16-bit range 0..65535 -> 0..255
+                img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
             has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
             return img.convert("RGBA" if has_alpha else "RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
