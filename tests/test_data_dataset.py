@@ -66,13 +66,16 @@ def test_bad_files_are_skipped_and_listed(folder, capsys):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "cut.jpg", quality=90)
     jpg = (d / "cut.jpg").read_bytes()
     (d / "cut.jpg").write_bytes(jpg[: len(jpg) - 40])
+    (d / "anim.gif").write_bytes(b"GIF89a")
+    (d / "notes.json").write_text("{}", encoding="utf-8")  # a sidecar: not listed
     index = index_datasets(dataset_specs(cfg(folder), 512), cfg(folder))
     reasons = {p.name: why for p, why in index.skipped}
-    assert set(reasons) == {"empty.png", "text.png", "cut.png", "cut.jpg"}
+    assert set(reasons) == {"empty.png", "text.png", "cut.png", "cut.jpg", "anim.gif"}
+    assert reasons["anim.gif"] == "not a supported image type (.gif)"
     assert "0 bytes" in reasons["empty.png"] and "truncated" in reasons["cut.png"] and "truncated" in reasons["cut.jpg"]
     assert len(index.items) == 4
     err = capsys.readouterr().err
-    assert "skipped 4 unusable image file(s)" in err and "cut.jpg" in err
+    assert "skipped 5 unusable image file(s)" in err and "cut.jpg" in err
 
 
 def test_folder_without_usable_images_is_an_error(tmp_path):

@@ -28,6 +28,8 @@ from library.data.images import IMAGE_EXTENSIONS, BadImage, ImageHeader, is_imag
 from library.errors import ConfigError, DataError
 
 _REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")
+# Files that normally sit beside images (captions, sd-scripts caches, metadata): not listed as skipped.
+SIDECAR_EXTENSIONS = frozenset({".txt", ".caption", ".tags", ".json", ".jsonl", ".npz", ".toml", ".safetensors"})
 
 
 @dataclass
@@ -290,7 +292,11 @@ def _scan_folder(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[Imag
     root = Path(s.image_dir)
     if not root.is_dir():
         raise DataError(f"image folder {root} not found (subset '{s.name}')")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p))
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    paths = [p for p in files if is_image_file(p)]
+    sidecars = SIDECAR_EXTENSIONS | {s.caption_extension.lower()}
+    index.skipped.extend((p, f"not a supported image type ({p.suffix or 'no extension'})") for p in files
+                         if not is_image_file(p) and p.suffix.lower() not in sidecars)
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound (network disks): overlap them
         headers = list(pool.map(_try_header, paths))
     items = []
