@@ -6,8 +6,10 @@ One optimizer step:
   UNet -> objective.loss (per-sample weights, masks, min-SNR, ...) -> backward
   -> non-finite guard -> gradient clipping -> optimizer and LR-scheduler step -> EMA -> method.after_optimizer_step
   -> log -> save (result + resume state) / sample when due.
-Everything random draws from one noise generator, the data order and caption RNG are keyed by (seed, epoch, index),
-and all of it is saved in resume states, so a resumed run continues bit-identically (CPU).
+The noise of each batch comes from a generator seeded by (seed, global batch number), the data order and caption RNG
+are keyed by (seed, epoch, index), and the rest (positions, optimizer, torch RNG) is saved in resume states: so a
+resumed run continues bit-identically (CPU), and N processes with batch B see the same batches and noise as one
+process with batch B and N accumulation steps.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class LoopSettings:
     metadata: dict[str, str] = field(default_factory=dict)  # written into every saved result
 
 
+def batch_seed(seed: int, number: int) -> int:
+    """Seed of the noise generator for global batch `number` (0, 1, 2, ... across steps, accumulation, ranks)."""
+    return ((seed & 0xFFFFFFFF) << 32) | (number & 0xFFFFFFFF)
+
+
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     if cfg.max_train_epochs > 0:
         return cfg.max_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -95,7 +102,6 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     unet_call = wrapped[[m is model.unet for m in modules].index(True)] if model.unet in modules else model.unet
     optimizer = accelerator.prepare(optimizer)
     ema = EMA(trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) if cfg.ema else None
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     counters = st.Counters()
     resume_dir = st.find_resume_dir(cfg.resume, out_dir)
@@ -107,7 +113,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
         data.load_state_dict(saved["data"])
         if ema is not None and saved.get("ema") is not None:
             ema.load_state_dict(saved["ema"])
-        st.set_rng_state(saved["rng"], noise_gen)
+        st.set_rng_state(saved["rng"])
         _say(accelerator, f"resumed from {resume_dir} at step {counters.step}")
 
     prompts = _sample_prompts(s)
@@ -139,7 +145,9 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
         pooled = None if text_cache[captions[0]][1] is None else torch.stack([text_cache[c][1] for c in captions])
         return hidden, pooled
 
-    def micro_step(batch: dict, step: int) -> tuple[torch.Tensor, bool]:
+    def micro_step(batch: dict, step: int, micro: int) -> tuple[torch.Tensor, bool]:
+        number = (step * cfg.gradient_accumulation_steps + micro) * accelerator.num_processes + accelerator.process_index
+        noise_gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, number))
         latents = batch["latents"].to(device) if "latents" in batch else _encode(model, batch["pixels"].to(device),
                                                                                    noise_gen)
         hidden, pooled = text_cond(batch["captions"], step)
@@ -166,9 +174,9 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             t0 = time.perf_counter()
             method.before_step(model, counters.step)
             step_losses, all_finite, epoch_end = [], True, False
-            for _ in range(cfg.gradient_accumulation_steps):
+            for micro in range(cfg.gradient_accumulation_steps):
                 counters.epoch, batch, epoch_end = next(batches)
-                loss, finite = micro_step(batch, counters.step)
+                loss, finite = micro_step(batch, counters.step, micro)
                 step_losses.append(float(loss))
                 all_finite &= finite
             if not all_finite:
@@ -178,7 +186,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
                 _say(accelerator, f"step {counters.step + 1}: non-finite loss, step skipped "
                                   f"({consecutive_nan} in a row, {counters.nan_steps} in total)")
                 if consecutive_nan >= cfg.max_consecutive_nan_steps:
-                    _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator,
+                    _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator,
                           with_result=False)
                     raise TrainingStopped(
                         f"{consecutive_nan} non-finite losses in a row at step {counters.step + 1}; stopped, and the "
@@ -205,7 +213,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             if not done and _due(counters.step, s.save.save_every_n_steps, epoch_end, counters.epoch,
                                  s.save.save_every_n_epochs):
                 t = time.perf_counter()
-                _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator,
+                _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator,
                       with_result=True)
                 timings["save"] += time.perf_counter() - t
             if prompts and not done and _due(counters.step, s.sample.sample_every_n_steps, epoch_end,
@@ -214,7 +222,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
                 _sample(model, modules, prompts, s, out_dir, f"step{counters.step:08d}", accelerator)
                 timings["sample"] += time.perf_counter() - t
         t = time.perf_counter()
-        result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator,
+        result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator,
                             with_result=True, final=True)
         timings["save"] += time.perf_counter() - t
         if prompts and s.sample.sample_at_end:
@@ -272,7 +280,7 @@ def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs:
         epoch_end and every_epochs > 0 and (epoch + 1) % every_epochs == 0)
 
 
-def _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, counters, accelerator, *,
+def _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, *,
           with_result: bool, final: bool = False) -> Path | None:
     accelerator.wait_for_everyone()
     path = None
@@ -289,7 +297,7 @@ def _save(s, method, model, data, optimizer, lr_scheduler, ema, noise_gen, count
             st.save_state(out_dir, counters, method.trainable_state(model), {
                 "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
                 "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
-                "rng": st.rng_state(noise_gen)}, keep_last=s.save.save_last_n)
+                "rng": st.rng_state()}, keep_last=s.save.save_last_n)
     accelerator.wait_for_everyone()
     return path
 

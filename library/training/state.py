@@ -34,18 +34,18 @@ class Counters:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": _python_state(), "noise": generator.get_state()}
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (dropout, peft's rank dropout, ...); batch noise is seeded per batch, see loop.py."""
+    state = {"torch": torch.get_rng_state(), "python": _python_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
