@@ -150,7 +150,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
         noise_gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, number))
         latents = batch["latents"].to(device) if "latents" in batch else _encode(model, batch["pixels"].to(device),
                                                                                    noise_gen)
-        hidden, pooled = text_cond(batch["captions"], step)
+        hidden, pooled = text_cond(method.prepare_captions(batch["captions"], number), step)
         prepared = objective.prepare(latents.float(), noise_gen)
         added = None
         if model.family == "sdxl":

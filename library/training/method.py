@@ -33,6 +33,14 @@ class Method(abc.ABC):
         """Whether text-encoder gradients are needed at this step (else text outputs may be cached)."""
         return False
 
+    def prepare_captions(self, captions: list[str], batch_number: int) -> list[str]:
+        """Rewrite a batch's captions (e.g. put a placeholder token in, or use prompt templates).
+
+        `batch_number` counts batches across steps, accumulation and ranks; seed any randomness from it so resumed
+        runs see the same captions.
+        """
+        return captions
+
     def before_step(self, model: SDModel, step: int) -> None:
         """Called before each optimizer step's batches (e.g. stop text-encoder training at a step)."""
 
