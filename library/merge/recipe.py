@@ -1,0 +1,277 @@
+"""Run a merge recipe (`library.config.merge.MergeRecipe`): open the inputs, check they fit together, merge tensor
+by tensor and write the result atomically with the recipe in its metadata.
+
+Peak memory is a small multiple of the largest tensor: each key's input tensors are read, combined (elementwise modes
+in chunks of CHUNK elements, so the float32 temporaries stay small) into an output tensor in the output dtype, written
+and dropped before the next key is read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from library.config.merge import MergeRecipe
+from library.errors import ConfigError, ModelFileError
+from library.fileio import atomic_path
+from library.merge import modes
+from library.merge.blocks import block_slot, parse_block_alphas
+from library.merge.stream import WEIGHT_FILES, SafetensorsWriter, TensorSource, folder_parts, open_source
+from library.models.keymaps import KeyMap, from_ldm
+from library.models import keymaps_clip as kc
+from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CHUNK = 1 << 22  # elements per float32 work chunk of an elementwise merge (16 MiB)
+
+# combine(key, float32 input tensors) -> merged tensor (any float dtype, same shape)
+Combine = Callable[[str, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
+    """Run the recipe; returns the output path. `recipe_text`: the resolved TOML, stored with the output."""
+    m = cfg.merge
+    out = Path(cfg.output.path).expanduser()
+    if out.exists() and not cfg.output.overwrite:
+        raise ConfigError(f"output.path {out} exists; choose another path or set output.overwrite = true")
+    if m.mode in ("lora_merge", "lora_extract", "lora_resize"):
+        from library.merge import lora_ops
+
+        return lora_ops.run_lora_mode(cfg, recipe_text, progress=progress)
+    if m.mode in ("ties", "dare", "dare_ties"):
+        refs = [m.model_a, *m.models]
+    else:
+        refs = [m.model_a, m.model_b] + ([m.model_c] if m.mode != "weighted_sum" else [])
+    sources = open_sources(refs, ["merge.model_a", *(["merge.models"] * len(m.models))] if m.mode in (
+        "ties", "dare", "dare_ties") else ["merge.model_a", "merge.model_b", "merge.model_c"])
+    try:
+        family = sources[0].family
+        combine, elementwise = checkpoint_combine(cfg, family)
+        keys = check_compatible(sources)
+        return write_merge(sources, keys, combine, elementwise, cfg, recipe_text, progress=progress)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def open_sources(refs: Sequence[str], what: Sequence[str]) -> list[TensorSource]:
+    """Open every input; they must be of one family (ModelFileError naming both otherwise)."""
+    sources: list[TensorSource] = []
+    try:
+        for ref, name in zip(refs, what):
+            sources.append(open_source(ref))
+            first, new = sources[0], sources[-1]
+            if new.family != first.family:
+                raise ModelFileError(f"{name} = '{ref}' is an {new.family} model but merge.model_a = "
+                                     f"'{first.name}' is {first.family}: merge models of one family")
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+    return sources
+
+
+def is_weight(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """Merged keys: floating tensors that are weights (not schedule buffers, markers or position ids)."""
+    return dtype.is_floating_point and key not in NON_WEIGHT_KEYS and len(shape) > 0
+
+
+def check_compatible(sources: Sequence[TensorSource]) -> list[str]:
+    """The keys to write (model A's). Every weight of A must be in each other input with the same shape, and no
+    input may hold weights A lacks; non-weight keys (schedule buffers, markers) come from A."""
+    a = sources[0]
+    for s in sources[1:]:
+        for key, e in a.entries.items():
+            if not is_weight(key, e.dtype, e.shape):
+                continue
+            other = s.entries.get(key)
+            if other is None:
+                raise ModelFileError(f"{s.name} has no tensor '{key}' that {a.name} has: the models have different "
+                                     "architectures (inpainting, refiner or another variant?)")
+            if other.shape != e.shape:
+                raise ModelFileError(f"'{key}' has shape {list(other.shape)} in {s.name} but {list(e.shape)} in "
+                                     f"{a.name}: the models have different architectures")
+        extra = [k for k, e in s.entries.items() if k not in a.entries and is_weight(k, e.dtype, e.shape)]
+        if extra:
+            raise ModelFileError(f"{s.name} has {len(extra)} tensors {a.name} lacks, e.g. '{extra[0]}': the models "
+                                 "have different architectures")
+    return a.keys()
+
+
+def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, bool]:
+    """The per-key function of the configured mode, and whether it is elementwise (may run on chunks)."""
+    m = cfg.merge
+    if m.mode in ("ties", "dare", "dare_ties"):
+        weights = list(m.weights) or [1.0] * len(m.models)
+
+        def task(key: str, ts: Sequence[torch.Tensor]) -> torch.Tensor:
+            # A generator per key, seeded from the key's name: the masks do not depend on the order keys are read.
+            g = torch.Generator().manual_seed((m.seed * 0x9E3779B1 + zlib.crc32(key.encode())) % (1 << 63))
+            return modes.task_merge(m.mode, ts[0], ts[1:], weights, m.density, m.scale, g)  # type: ignore[arg-type]
+
+        return task, False
+    alphas = parse_block_alphas(m.block_alphas, family, m.alpha, what="merge.block_alphas")  # type: ignore[arg-type]
+    betas = parse_block_alphas(m.block_betas, family, m.beta, what="merge.block_betas")  # type: ignore[arg-type]
+
+    def combine(key: str, ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        slot = block_slot(key, family)  # type: ignore[arg-type]
+        return modes.checkpoint_merge(m.mode, ts, alphas[slot], betas[slot])  # type: ignore[arg-type]
+
+    return combine, True
+
+
+def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, elementwise: bool,
+              dtype: torch.dtype) -> torch.Tensor:
+    """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise)."""
+    out = torch.empty(tensors[0].shape, dtype=dtype)
+    if not elementwise:
+        out.copy_(combine(key, [t.float() for t in tensors]))
+        return out
+    flat_out = out.view(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    for start in range(0, flat_out.numel(), CHUNK):
+        part = [f[start:start + CHUNK].float() for f in flats]
+        flat_out[start:start + CHUNK].copy_(combine(key, part))
+    return out
+
+
+def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combine, elementwise: bool,
+                cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
+    """Merge every key and write the single file or diffusers folder the config asks for (atomically)."""
+    dtype = PRECISIONS[cfg.output.precision]
+    a = sources[0]
+    out_path = Path(cfg.output.path).expanduser()
+    fmt = cfg.output.format
+    if fmt == "auto":
+        fmt = "single_file" if out_path.suffix.lower() == ".safetensors" else "diffusers"
+    specs = {k: (_out_dtype(a.entries[k].dtype, dtype), a.entries[k].shape) for k in keys}
+    metadata = recipe_metadata(a, recipe_text, out_path.stem)
+    total = sum(_numel(a.entries[k].shape) for k in keys)
+    bar = _progress(total, progress, f"merging {len(sources)} models")
+    with atomic_path(out_path) as tmp:
+        if fmt == "single_file":
+            sink: Any = SafetensorsWriter(tmp, specs, metadata)
+        else:
+            sink = DiffusersSink(tmp, specs, _config_dir(sources, cfg), a.family, recipe_text)
+        try:
+            for key in keys:
+                e = a.entries[key]
+                if is_weight(key, e.dtype, e.shape):
+                    tensors = [s.get(key) for s in sources]
+                    value = merge_key(key, tensors, combine, elementwise, dtype)
+                    del tensors
+                else:
+                    value = a.get(key).to(specs[key][0])
+                sink.write(key, value)
+                del value
+                bar.update(_numel(e.shape))
+        finally:
+            sink.close()
+            bar.close()
+    return out_path
+
+
+def _out_dtype(src: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    return dtype if src.is_floating_point else src
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def recipe_metadata(a: TensorSource, recipe_text: str, title: str) -> dict[str, str]:
+    """Header metadata of a merged single file: the recipe (and its hash), prediction type, title and date."""
+    return {
+        "sdtk_merge_recipe": recipe_text,
+        "sdtk_config_hash": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest()[:16],
+        "modelspec.prediction_type": "v" if a.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.title": title,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="param", unit_scale=True, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _config_dir(sources: Sequence[TensorSource], cfg: MergeRecipe) -> Path:
+    """Configs of a diffusers output: output.config_dir, else the first diffusers-folder input, else bundled."""
+    from library.models.configs import bundled_config_for
+
+    if cfg.output.config_dir:
+        d = Path(cfg.output.config_dir).expanduser()
+        if not (d / "unet" / "config.json").is_file():
+            raise ConfigError(f"output.config_dir = '{d}' is not a diffusers config folder (no unet/config.json)")
+        return d
+    for s in sources:
+        if s.folder is not None:
+            return s.folder
+    return bundled_config_for(sources[0].family, sources[0].prediction_type)
+
+
+class DiffusersSink:
+    """Writes merged single-file keys into a diffusers folder: configs copied from `config_dir`, each key split back
+    into diffusers tensors through the key maps and written into its component's weight file at once."""
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], config_dir: Path,
+                 family: str, recipe_text: str):
+        shutil.copytree(config_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt",
+                                                                          "*.pth", "*.pt", ".*"))
+        (folder / "merge_recipe.toml").write_text(recipe_text, encoding="utf-8")
+        _, parts = folder_parts(config_dir, family, with_weights=False)
+        self.rules: dict[str, tuple[KeyMap, Any]] = {}
+        self.writers: dict[str, SafetensorsWriter] = {}
+        self._opened: list[SafetensorsWriter] = []
+        for part in parts:
+            part_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+            for rule in part.keymap.rules:
+                key = part.keymap.prefix + rule.ldm
+                if key not in specs:
+                    raise ModelFileError(f"the merged model has no '{key}', which the configs in {config_dir} "
+                                         "expect: set output.config_dir to the inputs' diffusers config folder")
+                dt, shape = specs[key]
+                km = KeyMap(part.keymap.prefix, (rule,))
+                for k, t in from_ldm({key: torch.empty(shape, device="meta")}, km).items():
+                    part_specs[k] = (dt, tuple(t.shape))
+                self.rules[key] = (km, part.name)
+            writer = SafetensorsWriter(folder / part.name / WEIGHT_FILES[part.name], part_specs, {"format": "pt"})
+            self._opened.append(writer)
+            self.writers[part.name] = writer
+        # Keys no rule covers must be single-file extras (OpenCLIP logit_scale, SD2's padding layer and identity
+        # text_projection, position ids, markers): a weight dropped here would be a silent loss.
+        ignorable: set[str] = set()
+        for part in parts:
+            p = part.keymap.prefix
+            if p in (SD2_TE, SDXL_TE2):
+                layers = kc.n_layers(k for r in part.keymap.rules for k in r.diffusers)
+                ignorable.update(kc.openclip_extras_to_ignore(p, specs, layers, sd2=p == SD2_TE))
+        stray = [k for k, (dt, shape) in specs.items()
+                 if k not in self.rules and k not in ignorable and is_weight(k, dt, shape)]
+        if stray:
+            raise ModelFileError(f"the merged model has {len(stray)} weights the configs in {config_dir} have no "
+                                 f"place for, e.g. '{stray[0]}': set output.config_dir to the inputs' config folder")
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        hit = self.rules.get(key)
+        if hit is None:
+            return  # extras of the single-file layout (position ids, logit_scale, markers): configs carry them
+        km, name = hit
+        for k, t in from_ldm({key: tensor}, km).items():
+            self.writers[name].write(k, t)
+
+    def close(self) -> None:
+        for w in self._opened:
+            w.close()

@@ -1,0 +1,363 @@
+"""Tensor-by-tensor model I/O for merges: inputs are read one tensor at a time, outputs written one tensor at a time.
+
+Every input is seen in the single-file (LDM/SGM) key space, where block slots are defined:
+- `SafetensorsFile`: a `.safetensors` file read with plain `seek` + `readinto`, not through safetensors' mmap: the
+  pages of a memory-mapped file count towards the process's resident memory as they are touched, so mmap reads of two
+  7 GB files would show a 14 GB RSS even though each tensor is dropped after use.
+- `SingleFileSource`: a single-file checkpoint (`.safetensors`, or a `.ckpt` through the weights-only unpickler, which
+  has to hold the whole file in memory: pickles cannot be read piecewise).
+- `FolderSource`: a diffusers folder seen through the strict key maps (`library.models.keymaps*`), key by key, with
+  the same extra keys `save_single_file` writes, so a folder and the single file of the same model are equal views.
+Outputs: `SafetensorsWriter` writes the header first (every key's dtype, shape and offsets are known before merging)
+and then each tensor at its offset. safetensors' Python API only writes whole dicts, and no maintained package
+streams safetensors writes, so the format is written here: 8-byte little-endian header length, the JSON header
+(padded with spaces to a multiple of 8 bytes, as safetensors does), then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from library.errors import ModelFileError
+from library.models import keymaps_clip as kc
+from library.models.keymaps import KeyMap, KeyRule, to_ldm, unet_keymap, vae_keymap
+from library.models.safe_load import open_tensor_file, read_safetensors_header
+from library.models.single_file import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2, V_PRED_KEY, ZTSNR_KEY, detect_family
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFile:
+    """Header-checked safetensors file; `read(key)` returns one tensor read with plain file I/O (no mmap)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.shapes, self.metadata = read_safetensors_header(self.path)  # validates sizes and offsets
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + n
+        self._entries = {k: (DTYPES[v["dtype"]], tuple(v["data_offsets"])) for k, v in header.items()}
+        self._file: Any = None
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, (start, end) = self._entries[key]
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the merge, closed by close()
+        buf = bytearray(end - start)
+        self._file.seek(self._data_start + start)
+        if self._file.readinto(buf) != len(buf):
+            raise ModelFileError(f"{self.path}: file ends inside tensor '{key}' (truncated download?)")
+        if not buf:
+            return torch.empty(self.shapes[key], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(self.shapes[key])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Entry:
+    """How a source produces one single-file key: read it (`read`) or an alias of another key of the source."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+class TensorSource:
+    """A model seen as single-file keys -> tensors read on demand."""
+
+    def __init__(self, name: str, entries: dict[str, Entry], metadata: Mapping[str, str], closers: list[Any],
+                 folder: Path | None = None):
+        self.name, self.entries, self.metadata, self._closers = name, entries, dict(metadata), closers
+        self.folder = folder  # the diffusers folder this source reads, if it is one (its configs are reusable)
+        self.family = detect_family(entries)
+        if self.family is None:
+            raise ModelFileError(f"{name}: not an SD1/SD2/SDXL checkpoint (no text-encoder keys "
+                                 f"{SD1_TE}*, {SD2_TE}* or conditioner.embedders.1.*)")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.entries[key].read()
+
+    @property
+    def prediction_type(self) -> str:
+        if V_PRED_KEY in self.entries or self.metadata.get("modelspec.prediction_type") in ("v", "v_prediction"):
+            return "v_prediction"
+        return "epsilon"
+
+    def close(self) -> None:
+        for c in self._closers:
+            c.close()
+
+
+def open_source(ref: str) -> TensorSource:
+    """A single-file checkpoint, a diffusers folder or a `tiny:` reference, as a `TensorSource`."""
+    if ref.startswith("tiny:"):
+        from library.models.tiny import resolve_model_ref
+
+        return folder_source(resolve_model_ref(ref), name=ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return folder_source(path)
+    if path.is_file():
+        return single_file_source(path)
+    raise ModelFileError(f"{ref}: no such file or folder (give a .safetensors / .ckpt file, a diffusers folder or "
+                         "a 'tiny:sd15:seed=1' reference)")
+
+
+def single_file_source(path: Path) -> TensorSource:
+    """Keys as in the file, except: `model_ema.*` (the trainer's EMA copy) is left out, and SD1 text-encoder keys
+    saved without `text_model.` (old transformers) are read under their `text_model.` name, as `load_single_file`
+    does. A pickle is read through torch's weights-only unpickler (`safe_load`)."""
+    entries: dict[str, Entry] = {}
+    closers: list[Any] = []
+    if path.suffix.lower() == ".safetensors":
+        f = SafetensorsFile(path)
+        closers.append(f)
+        shapes, metadata = f.shapes, f.metadata
+
+        def reader(k: str) -> Callable[[], torch.Tensor]:
+            return lambda: f.read(k)
+
+        dtype = f.dtype
+    else:
+        tf = open_tensor_file(path)  # ModelFileError for unknown suffixes and unsafe pickles
+        shapes, metadata = tf.shapes, tf.metadata
+
+        def reader(k: str) -> Callable[[], torch.Tensor]:
+            return lambda: tf[k]
+
+        def dtype(k: str) -> torch.dtype:
+            return tf[k].dtype
+
+    for key, shape in shapes.items():
+        if key.startswith("model_ema."):
+            continue
+        name = key
+        if key.startswith(SD1_TE) and not key.startswith(SD1_TE + kc.TEXT_MODEL):
+            name = SD1_TE + kc.TEXT_MODEL + key[len(SD1_TE):]
+        entries[name] = Entry(tuple(shape), dtype(key), reader(key))
+    return TensorSource(str(path), entries, metadata, closers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusers folders.
+
+_TE_PARTS = {"sd1": [("text_encoder", SD1_TE, "clip")], "sd2": [("text_encoder", SD2_TE, "openclip")],
+             "sdxl": [("text_encoder", SDXL_TE1, "clip"), ("text_encoder_2", SDXL_TE2, "openclip")]}
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+
+
+@dataclass
+class Part:
+    """One component of a diffusers folder: its weight file, its key map and its config."""
+
+    name: str
+    file: SafetensorsFile | None  # None when the key map was built from a config only (no weights)
+    keymap: KeyMap
+    config: dict[str, Any]
+    file_keys: dict[str, str]  # key-map (diffusers, `text_model.` form) key -> key in the file
+
+
+def folder_parts(folder: Path, family: str | None = None, *, with_weights: bool = True) -> tuple[str, list[Part]]:
+    """(family, parts) of a diffusers folder. Without weights, the key lists come from models built on the meta
+    device from the folder's configs (a configs-only folder, e.g. a bundled one, is enough)."""
+    from library.models.load import detect_family as folder_family
+
+    index_path = folder / "model_index.json"
+    index = _read_json(index_path) if index_path.is_file() else {}
+    if not (folder / "unet" / "config.json").is_file():
+        raise ModelFileError(f"{folder}: not a diffusers folder (no unet/config.json)")
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    family = family or folder_family(index, unet_cfg)
+    parts: list[Part] = []
+    for name, kind, prefix in [("unet", "unet", ""), ("vae", "vae", ""),
+                               *((n, k, p) for n, p, k in _TE_PARTS[family])]:
+        cfg_path = folder / name / "config.json"
+        if not cfg_path.is_file():
+            raise ModelFileError(f"{folder}: missing {name}/config.json (needed for an {family} model)")
+        cfg = _read_json(cfg_path)
+        file = None
+        if with_weights:
+            wpath = folder / name / WEIGHT_FILES[name]
+            if not wpath.is_file():
+                raise ModelFileError(f"{folder}: missing {name}/{WEIGHT_FILES[name]} (merges read .safetensors "
+                                     "diffusers folders; re-save a .bin folder with save_pretrained)")
+            file = SafetensorsFile(wpath)
+            raw = file.keys()
+        else:
+            raw = _meta_keys(kind, cfg)
+        if kind in ("clip", "openclip"):
+            keys = {_text_model_form(k): k for k in raw if not k.endswith("position_ids")}
+            km = (kc.clip_keymap if kind == "clip" else kc.openclip_keymap)(prefix, list(keys))
+        else:
+            keys = {k: k for k in raw}
+            km = (unet_keymap if kind == "unet" else vae_keymap)(cfg, list(keys))
+        parts.append(Part(name, file, km, cfg, keys))
+    return family, parts
+
+
+def _text_model_form(key: str) -> str:
+    """transformers 5 writes CLIPTextModel keys without `text_model.`; the key maps use the released form."""
+    return key if key.startswith((kc.TEXT_MODEL, "text_projection.")) else kc.TEXT_MODEL + key
+
+
+def _meta_keys(kind: str, cfg: dict[str, Any]) -> list[str]:
+    from library.models.keymaps import meta_state_dict_keys
+
+    if kind in ("unet", "vae"):
+        return meta_state_dict_keys(kind, cfg)  # type: ignore[arg-type]
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if cfg.get("architectures", [""])[0] == "CLIPTextModelWithProjection" \
+        else CLIPTextModel
+    with torch.device("meta"):
+        model = cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    return list(kc.te_state_dict(model))
+
+
+def folder_source(folder: Path, name: str | None = None) -> TensorSource:
+    """A diffusers folder as single-file keys: the key maps' keys, plus what `model_to_ldm` adds (CLIP
+    position_ids, OpenCLIP logit_scale, SD2's padding layer and identity text_projection, v_pred / ztsnr markers)."""
+    family, parts = folder_parts(folder)
+    entries: dict[str, Entry] = {}
+    for part in parts:
+        f = part.file
+        assert f is not None
+        for rule in part.keymap.rules:
+            key = part.keymap.prefix + rule.ldm
+            shapes = [f.shapes[part.file_keys[k]] for k in rule.diffusers]
+            meta = to_ldm({k: torch.empty(s, device="meta") for k, s in zip(rule.diffusers, shapes)},
+                          KeyMap(part.keymap.prefix, (rule,)))[key]
+            entries[key] = Entry(tuple(meta.shape), f.dtype(part.file_keys[rule.diffusers[0]]),
+                                 _rule_reader(f, part, rule))
+        prefix = part.keymap.prefix
+        if prefix in (SD1_TE, SDXL_TE1):
+            for k, t in kc.clip_extras_to_write(prefix, part.config["max_position_embeddings"]).items():
+                entries[k] = _const(t)
+        elif prefix in (SD2_TE, SDXL_TE2):
+            ldm_meta = {k: torch.empty(e.shape, device="meta") for k, e in entries.items() if k.startswith(prefix)}
+            n = kc.file_layers(ldm_meta, prefix)
+            extras = kc.openclip_extras_to_write(prefix, ldm_meta, part.config["hidden_size"],
+                                                 pad_layer=prefix == SD2_TE)
+            last, pad = f"{prefix}transformer.resblocks.{n - 1}.", f"{prefix}transformer.resblocks.{n}."
+            for k, t in extras.items():
+                if k.startswith(pad):  # SD2's padding layer repeats the last layer: read that layer again
+                    src = entries[last + k[len(pad):]]
+                    entries[k] = Entry(src.shape, src.dtype, src.read)
+                else:
+                    entries[k] = _const(t.to(entries[prefix + "ln_final.weight"].dtype))
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.is_file() else {}
+    metadata = {}
+    if sched.get("prediction_type") == "v_prediction":
+        entries[V_PRED_KEY] = _const(torch.zeros(0))
+        metadata["modelspec.prediction_type"] = "v"
+    if sched.get("rescale_betas_zero_snr"):
+        entries[ZTSNR_KEY] = _const(torch.zeros(0))
+    closers = [p.file for p in parts]
+    source = TensorSource(name or str(folder), entries, metadata, closers, folder=folder)
+    if source.family != family:
+        raise ModelFileError(f"{folder}: its configs say {family} but its keys say {source.family}")
+    return source
+
+
+def _rule_reader(f: SafetensorsFile, part: Part, rule: KeyRule) -> Callable[[], torch.Tensor]:
+    km = KeyMap(part.keymap.prefix, (rule,))
+    key = part.keymap.prefix + rule.ldm
+
+    def read() -> torch.Tensor:
+        return to_ldm({k: f.read(part.file_keys[k]) for k in rule.diffusers}, km)[key]
+
+    return read
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not readable JSON ({e})") from e
+
+
+def _const(t: torch.Tensor) -> Entry:
+    return Entry(tuple(t.shape), t.dtype, lambda: t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output.
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in any order: the header (from the declared dtypes and shapes)
+    goes first, each `write` lands at its key's offset, and `close` checks that every key was written once."""
+
+    def __init__(self, path: str | Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self.specs = dict(specs)
+        self.offsets: dict[str, int] = {}
+        pos = 0
+        for key, (dtype, shape) in self.specs.items():
+            nbytes = _numel(shape) * torch.empty(0, dtype=dtype).element_size()
+            header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            self.offsets[key] = pos
+            pos += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # the data area starts 8-byte aligned, as safetensors writes it
+        self._data_start = 8 + len(text)
+        self._written: set[str] = set()
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._file.truncate(self._data_start + pos)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.specs[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{key}: declared {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        if key in self._written:
+            raise ValueError(f"{key} written twice")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # little-endian on every supported host
+        self._file.seek(self._data_start + self.offsets[key])
+        self._file.write(memoryview(data.numpy()))
+        self._written.add(key)
+
+    def close(self) -> None:
+        missing = [k for k in self.specs if k not in self._written]
+        self._file.close()
+        if missing:
+            raise ValueError(f"{self.path}: {len(missing)} declared tensors never written, e.g. {missing[0]}")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
