@@ -22,6 +22,7 @@ from library.training.method import Method
 from library.training.run import run_script
 from library.config.run import RunConfig
 
+CONFIG_CLASS = RunConfig
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -90,7 +91,7 @@ class NativeFineTune(Method):
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    return run_script(RunConfig, NativeFineTune, argv, prog="train_native.py", description=__doc__)
+    return run_script(CONFIG_CLASS, NativeFineTune, argv, prog="train_native.py", description=__doc__)
 
 
 if __name__ == "__main__":

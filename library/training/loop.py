@@ -46,7 +46,8 @@ class TrainResult:
     losses: list[float]  # mean loss of each optimizer step this process ran
     result_path: Path | None
     nan_steps: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: wall, compute, save, sample
+    # seconds: wall; compute (whole steps); model (UNet forward + backward + optimizer step); save; sample
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     autocast = accelerator.autocast if precision != "no" else nullcontext
     losses: list[float] = []
-    timings = {"compute": 0.0, "save": 0.0, "sample": 0.0}
+    timings = {"compute": 0.0, "model": 0.0, "save": 0.0, "sample": 0.0}
     consecutive_nan = 0
     result_path: Path | None = None
     batches = _batch_stream(data)
@@ -156,15 +157,19 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
         if model.family == "sdxl":
             time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
             added = {"text_embeds": pooled, "time_ids": time_ids.to(device, hidden.dtype)}
-        with autocast():
-            pred = unet_call(prepared.noisy_latents, prepared.timesteps, encoder_hidden_states=hidden,
-                             added_cond_kwargs=added, return_dict=False)[0]
         masks = batch.get("masks")
-        loss, _ = objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
-                                 weights=batch["loss_weights"].to(device))
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        t = time.perf_counter()
+        sync = micro == cfg.gradient_accumulation_steps - 1 or accelerator.num_processes == 1
+        with nullcontext() if sync else accelerator.no_sync(unet_call):  # all-reduce once per optimizer step
+            with autocast():
+                pred = unet_call(prepared.noisy_latents, prepared.timesteps, encoder_hidden_states=hidden,
+                                 added_cond_kwargs=added, return_dict=False)[0]
+            loss, _ = objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
+                                     weights=batch["loss_weights"].to(device))
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+        timings["model"] += time.perf_counter() - t
         return loss.detach(), finite
 
     for m in modules:
@@ -197,7 +202,9 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             consecutive_nan = 0
             if s.optimizer.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trained, s.optimizer.max_grad_norm)
+            t = time.perf_counter()
             optimizer.step()
+            timings["model"] += time.perf_counter() - t
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:

@@ -1,0 +1,48 @@
+"""Every file in configs/ loads with the root config of the script it is written for (strictly, with validation)."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from library.config.core import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+# File-name convention: <anything>_<method>.toml; quickstart.toml is the LoRA quickstart (the README's main job).
+SCRIPT_BY_SUFFIX = {
+    "native": "train_native",
+    "lora": "train_lora",
+    "dreambooth": "train_dreambooth",
+    "textual_inversion": "train_textual_inversion",
+    "hypernetwork": "train_hypernetwork",
+    "merge": "merge_models",
+}
+
+
+def script_for(path: Path) -> str:
+    if path.name == "quickstart.toml":
+        return "train_lora"
+    for suffix, script in SCRIPT_BY_SUFFIX.items():
+        if path.stem.endswith("_" + suffix) or path.stem == suffix:
+            return script
+    if path.stem.endswith("_dataset"):
+        return "dataset"
+    raise AssertionError(f"{path.name}: name it <name>_<method>.toml so a test knows which script reads it")
+
+
+def test_there_are_configs():
+    assert any(p.name == "quickstart_native.toml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads(path):
+    script = script_for(path)
+    if script == "dataset":
+        from library.config.dataset_file import load_dataset_file
+
+        load_dataset_file(path)
+        return
+    module = importlib.import_module(script)
+    cfg = load_config(module.CONFIG_CLASS, path)
+    assert cfg is not None
