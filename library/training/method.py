@@ -25,6 +25,10 @@ class Method(abc.ABC):
     def setup(self, model: SDModel) -> list[dict[str, Any]]:
         """Freeze / inject / unfreeze; return optimizer param groups: dicts with "params", "lr" and "name"."""
 
+    def bind_data(self, info: dict[str, Any]) -> None:
+        """Told once, before training, what the data is (`tag_frequency`, `datasets`, `num_train_images`) — for
+        metadata such as kohya's ss_tag_frequency."""
+
     def modules_to_prepare(self, model: SDModel) -> list[torch.nn.Module]:
         """Modules that hold trained parameters (wrapped by accelerate for DDP, put in train mode)."""
         return [model.unet]

@@ -70,6 +70,10 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
         "sdtk_family": model.family,
         "sdtk_prediction_type": model.prediction_type,
     }
+    summary = data.summary()
+    method.bind_data({"tag_frequency": data.tag_frequency(), "datasets": summary["datasets"],
+                      "num_train_images": sum(d["num_train_images"] for d in summary["datasets"]),
+                      "resolution": resolution})
     settings = LoopSettings(train=cfg.train, optimizer=cfg.optimizer, scheduler=cfg.scheduler, save=cfg.save,
                             sample=cfg.sample, log=cfg.log, clip_skip=cfg.model.clip_skip, resolution=resolution,
                             metadata=metadata)
