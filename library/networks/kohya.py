@@ -91,6 +91,15 @@ def kohya_weight_map(model: SDModel) -> dict[str, str]:
     return out
 
 
+def target_weight_map(model: SDModel, cfg) -> dict[str, str]:
+    """Like kohya_weight_map, restricted to the layers `cfg` (a NetworkConfig) adapts: what extraction produces."""
+    from library.networks.lora import plan_ranks
+
+    sgm = _unet_sgm_modules(model.unet.config) if model.family == "sdxl" else None
+    return {kohya_name(model.family, component, path, sgm): f"{component}.{path}.weight"
+            for component, entries in plan_ranks(model, cfg).items() for path in entries}
+
+
 def network_state_dict_kohya(model: SDModel, network: Network, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The adapters as a kohya state dict; every trained parameter lands in exactly one key (checked)."""
     sd: dict[str, torch.Tensor] = {}
