@@ -25,6 +25,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_file():
+            # Some writers (safetensors) create files 0600; give the result the usual umask-based mode.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         if path.is_dir() and tmp.is_dir():

@@ -256,7 +256,9 @@ def _place(model: SDModel, device: torch.device, dtype: torch.dtype, trained: li
                 p.data = p.data.to(torch.bfloat16 if full_bf16 else torch.float32)
             elif p.dtype != dtype:
                 p.data = p.data.to(dtype)
-    model.vae.to(device, torch.float32)  # the SD/SDXL VAEs overflow in fp16; encoding is not the bottleneck
+    model.vae.to(device)
+    if model.vae.dtype != torch.float32:
+        model.vae.to(dtype=torch.float32)  # the SD/SDXL VAEs overflow in fp16; encoding is not the bottleneck
     for enc in model.text_encoders:
         enc.eval()
     model.vae.eval()
