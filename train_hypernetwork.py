@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Train an AUTOMATIC1111-style hypernetwork (SD1.x, SD2.x and SDXL); the base model stays untouched.
+
+    python train_hypernetwork.py --config configs/quickstart_hypernetwork.toml
+    python train_hypernetwork.py --config my.toml --learning_rate 5e-6 --max_train_steps 4000
+    python train_hypernetwork.py --config my.toml --hypernetwork.network_weights old.pt   # continue a file
+
+Writes `<output_name>.pt` in A1111's layout (SD1/SD2: put it in A1111's models/hypernetworks, or ComfyUI's
+models/hypernetworks; `torch.load(weights_only=True)` reads it), the resolved config, samples (with the hypernetwork
+at hypernetwork.sample_strength), logs and resume states. SDXL files use the same layout with widths 640, 1280 and
+2048; A1111 does not load SDXL hypernetworks, so sample with diffusers:
+
+    from library.networks.hypernetwork import apply_hypernetwork
+    from library.networks.hypernetwork_file import load_hypernetwork
+    hn, info = load_hypernetwork("my_sdxl.pt")
+    apply_hypernetwork(pipe.unet, hn.to(pipe.device), strength=0.8)   # pipe: any diffusers SD/SDXL pipeline
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from library.cli import main_guard
+from library.config.hypernetwork import HypernetworkRunConfig
+from library.errors import ConfigError
+from library.models.model import SDModel
+from library.networks.hypernetwork import (HypernetworkSpec, apply_hypernetwork, attention_widths, create_hypernetwork,
+                                           parse_dropout_structure)
+from library.networks.hypernetwork_file import HypernetworkInfo, load_hypernetwork, save_hypernetwork
+from library.training.method import Method
+from library.training.run import run_script
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class HypernetworkTraining(Method):
+    """Only the hypernetwork's (k, v) modules train; UNet, VAE and text encoder(s) are frozen and unchanged."""
+
+    name = "hypernetwork"
+
+    def __init__(self, cfg: HypernetworkRunConfig):
+        self.cfg = cfg
+        self.hn = None
+        self.base = HypernetworkInfo()  # name / step / checkpoint of a continued file
+        self.checkpoint_hash: str | None = None
+
+    def setup(self, model: SDModel) -> list[dict]:
+        h = self.cfg.hypernetwork
+        for module in [model.unet, model.vae, *model.text_encoders]:
+            module.requires_grad_(False)
+        self.checkpoint_hash = _shorthash(self.cfg.model.pretrained_model_name_or_path)
+        if h.network_weights:
+            self.hn, self.base = load_hypernetwork(h.network_weights)
+            print(f"continuing {h.network_weights} (step {self.base.step}): its structure is used "
+                  f"({self.hn.spec}); the [hypernetwork] structure keys are ignored", file=sys.stderr)
+        else:
+            self.hn = create_hypernetwork(self._spec(), self._widths(model),
+                                          torch.Generator().manual_seed(self.cfg.train.seed))
+        apply_hypernetwork(model.unet, self.hn, strength=h.sample_strength)  # pairs become UNet sub-modules
+        self.hn.requires_grad_(True)
+        opt = self.cfg.optimizer
+        return [{"params": list(self.hn.parameters()), "lr": opt.unet_lr or opt.learning_rate, "name": "hypernetwork"}]
+
+    def _spec(self) -> HypernetworkSpec:
+        h = self.cfg.hypernetwork
+        dropout = h.dropout_structure or parse_dropout_structure(h.layer_structure, h.use_dropout,
+                                                                 h.last_layer_dropout)
+        return HypernetworkSpec(tuple(h.layer_structure), h.activation_func, h.add_layer_norm, h.activate_output,
+                                tuple(float(p) for p in dropout), h.weight_init, h.use_dropout, h.last_layer_dropout)
+
+    def _widths(self, model: SDModel) -> list[int]:
+        available = attention_widths(model.unet)
+        wanted = self.cfg.hypernetwork.enable_sizes or available
+        missing = [w for w in wanted if w not in available]
+        if missing:
+            raise ConfigError(f"hypernetwork.enable_sizes: {missing} is not an attention width of this "
+                              f"{model.family} UNet (its widths: {available}); use [] for all of them")
+        return list(dict.fromkeys(wanted))
+
+    def modules_to_prepare(self, model: SDModel) -> list[torch.nn.Module]:
+        return [model.unet]  # holds the pairs; .train()/.eval() switches dropout and the sampling strength
+
+    def trainable_state(self, model: SDModel) -> dict[str, torch.Tensor]:
+        return {f"hypernetwork.{k}": v for k, v in self.hn.state_dict().items()}
+
+    def load_trainable_state(self, model: SDModel, state: dict[str, torch.Tensor]) -> None:
+        self.hn.load_state_dict({k.removeprefix("hypernetwork."): v for k, v in state.items()}, strict=True)
+
+    def save_result(self, model: SDModel, stem: Path, metadata: dict[str, str]) -> Path:
+        info = HypernetworkInfo(
+            name=self.cfg.hypernetwork.name or self.base.name or self.cfg.save.output_name,
+            step=self.base.step + int(metadata.get("sdtk_step", 0)),
+            sd_checkpoint=self.checkpoint_hash,
+            sd_checkpoint_name=Path(self.cfg.model.pretrained_model_name_or_path).stem, metadata=metadata)
+        return save_hypernetwork(stem.parent / f"{stem.name}.pt", self.hn, info, DTYPES[self.cfg.save.save_precision])
+
+
+def _shorthash(ref: str) -> str | None:
+    """A1111's checkpoint short hash (first 10 hex digits of the file's sha256); None for folders and tiny refs."""
+    path = Path(ref)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    return run_script(HypernetworkRunConfig, HypernetworkTraining, argv, prog="train_hypernetwork.py",
+                      description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
