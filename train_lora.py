@@ -56,9 +56,8 @@ class LoraTraining(Method):
         self.network = inject_network(model, self.cfg.network)
         for p in self.network.parameters():
             p.requires_grad_(True)
-        opt_cfg, net = self.cfg.optimizer, self.cfg.network
-        te_lr = net.text_encoder_lr if net.text_encoder_lr is not None else opt_cfg.text_encoder_lr
-        return param_groups(self.network, opt_cfg.learning_rate, net.unet_lr or opt_cfg.unet_lr, te_lr)
+        o = self.cfg.optimizer
+        return param_groups(self.network, o.learning_rate, o.unet_lr, o.text_encoder_lr)
 
     def bind_data(self, info: dict) -> None:
         self.data_info = info
@@ -106,7 +105,7 @@ class LoraTraining(Method):
             base_model=c.model.pretrained_model_name_or_path, resolution=(side, side),
             steps=int(metadata.get("sdtk_step", 0)), epochs=int(metadata.get("sdtk_epoch", 0)),
             num_train_images=self.data_info.get("num_train_images", 0), learning_rate=c.optimizer.learning_rate,
-            unet_lr=net.unet_lr or c.optimizer.unet_lr, text_encoder_lr=net.text_encoder_lr,
+            unet_lr=c.optimizer.unet_lr, text_encoder_lr=c.optimizer.text_encoder_lr,
             training_started_at=self.started, training_finished_at=time.time(), seed=c.train.seed,
             clip_skip=c.model.clip_skip, tag_frequency=self.data_info.get("tag_frequency"),
             datasets=self.data_info.get("datasets"), config_text=metadata.get("sdtk_config", ""),

@@ -48,6 +48,7 @@ class TrainResult:
     nan_steps: int
     # seconds: wall; compute (whole steps); model (UNet forward + backward + optimizer step); save; sample
     timings: dict[str, float] = field(default_factory=dict)
+    model: SDModel | None = None  # the trained model, as it is in memory after the run
 
 
 @dataclass
@@ -243,7 +244,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             writer.close()
     timings["wall"] = time.perf_counter() - wall0
     accelerator.end_training()
-    return TrainResult(counters.step, losses, result_path, counters.nan_steps, timings)
+    return TrainResult(counters.step, losses, result_path, counters.nan_steps, timings, model)
 
 
 def _place(model: SDModel, device: torch.device, dtype: torch.dtype, trained: list, full_bf16: bool) -> None:
