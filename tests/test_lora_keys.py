@@ -71,6 +71,10 @@ def test_module_counts_match_sd_scripts(meta_models, name, conv_dim, target, exp
     names = [kohya_name(model.family, c, p, sgm) for c, entries in plan.items() for p in entries]
     assert len(set(names)) == len(names)
     assert counts(names) == expected
+    if model.family == "sdxl":  # our block index from diffusers paths == sd-scripts' rule on the SGM names
+        for path, (_, _, _, block) in plan["unet"].items():
+            n = kohya_name("sdxl", "unet", path, sgm).removeprefix("lora_unet_").split("_")
+            assert block == {"input": 1, "middle": 10, "output": 13}[n[0]] + int(n[2]), path
     assert all(n.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for n in names)
 
 

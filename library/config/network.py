@@ -2,6 +2,8 @@
 
 Names follow sd-scripts' `--network_*` arguments and its `network_args` (networks/lora.py `create_network`), so a
 kohya config translates key for key (see KOHYA_NAMES). The adapters themselves are peft's (library/networks/lora.py).
+The UNet / text-encoder learning rates are `[optimizer]` unet_lr / text_encoder_lr (library/config/optim.py);
+library.networks.lora.param_groups() takes them as arguments.
 No torch here: config modules stay light.
 """
 
@@ -37,8 +39,6 @@ KOHYA_NAMES: dict[str, str] = {
     "network_weights": "network.network_weights",
     "network_train_unet_only": "network.train_unet_only",
     "network_train_text_encoder_only": "network.train_text_encoder_only",
-    "unet_lr": "network.unet_lr",
-    "text_encoder_lr": "network.text_encoder_lr",
     "scale_weight_norms": "network.scale_weight_norms",
     "conv_dim": "network.conv_dim",
     "conv_alpha": "network.conv_alpha",
@@ -90,8 +90,6 @@ class NetworkConfig:
     module_dropout: float = opt(0.0, "skip a whole adapter for a step with this probability (peft LoHa/LoKr only)")
     lokr_factor: int = opt(-1, "LoKr Kronecker factor (LyCORIS `factor`); -1 = as square as possible")
     lokr_decompose_both: bool = opt(False, "LoKr: also decompose the left Kronecker factor into two rank-r matrices")
-    unet_lr: float | None = opt(None, "learning rate of the UNet adapters; default the optimizer's learning rate")
-    text_encoder_lr: float | None = opt(None, "learning rate of the text-encoder adapters; default the optimizer's")
     loraplus_lr_ratio: float = opt(0.0, "LoRA+ (Hayou et al. 2024): the up (B) matrices get lr x this; 0 = off (16 typ.)")
     loraplus_unet_lr_ratio: float = opt(0.0, "LoRA+ ratio for the UNet only; 0 = use loraplus_lr_ratio")
     loraplus_text_encoder_lr_ratio: float = opt(0.0, "LoRA+ ratio for the text encoder(s) only; 0 = loraplus_lr_ratio")
@@ -149,10 +147,12 @@ class NetworkConfig:
                     float(value.split("+", 1)[1])
                 except ValueError:
                     raise ConfigError(f"network.{key} = '{value}': the part after '+' must be a number") from None
-        for key in ("unet_lr", "text_encoder_lr"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ConfigError(f"network.{key} must be >= 0")
-        if self.scale_weight_norms < 0 or self.loraplus_lr_ratio < 0:
-            raise ConfigError("network.scale_weight_norms and network.loraplus_lr_ratio must be >= 0 (0 = off)")
+        for key in ("scale_weight_norms", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"network.{key} = {getattr(self, key)} must be >= 0 (0 = off)")
+        if (self.loraplus_lr_ratio or self.loraplus_unet_lr_ratio or self.loraplus_text_encoder_lr_ratio) \
+                and self.module in ("loha", "lokr"):
+            raise ConfigError("network.loraplus_lr_ratio applies to LoRA's up (B) matrices: use it with "
+                              "network_module = lora, locon or dora, not loha / lokr")
         if self.scale_weight_norms and self.module in ("dora",):
             raise ConfigError("network.scale_weight_norms is not defined for DoRA (its magnitude is trained directly)")

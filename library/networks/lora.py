@@ -77,14 +77,16 @@ def block_index(path: str, family: str) -> int:
     """sd-scripts' block index of a UNet module from its diffusers path (networks/lora.py `get_block_index`).
 
     Down and up blocks count LDM input_blocks / output_blocks (3 per diffusers block: 2 layers + sampler, 3 layers up):
-    SD1/SD2 -> 1 + input index, 12 for the mid block, 13 + output index (0..24). SDXL -> 0 for the time / label
+    SD1/SD2 -> the input index (1..11; 0 is conv_in), 12 for the mid block, 13 + output index (0..24). SDXL -> 0 for the time / label
     embeddings, 1 + input index, 10 + middle_block index (resnet, attention, resnet), 13 + output index, 22 for `out`.
     """
     m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)", path)
     if m:
         i, j = int(m[2]), int(m[4])
         idx = 3 * i + (2 if m[3] in ("downsamplers", "upsamplers") else j)
-        return 1 + idx if m[1] == "down" else 13 + idx
+        if m[1] == "up":
+            return 13 + idx  # idx = output_blocks index
+        return 1 + idx if family != "sdxl" else 2 + idx  # SD: input index (IN00 has no LoRA); SDXL: 1 + input index
     if path.startswith("mid_block."):
         if family != "sdxl":
             return 12
