@@ -16,7 +16,7 @@ from library.errors import ModelFileError
 from library.models.tiny import build_tiny, resolve_model_ref
 from library.networks.kohya import (load_kohya_into, metadata_for, module_names, network_state_dict_kohya, read_kohya,
                                     save_kohya)
-from library.networks.lora import adapter_params, inject_network
+from library.networks.lora import adapter_params, inject_network, param_groups
 
 REFS = {"sd1": "tiny:sd15", "sdxl": "tiny:sdxl"}
 
@@ -261,3 +261,21 @@ def test_save_refuses_unprefixed_keys_and_read_refuses_pickles(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelFileError, match="cannot read"):
         read_kohya(tmp_path / "junk.safetensors")
+
+
+def test_resume_from_network_weights_and_continue_training(sd1_lora, tmp_path):
+    model, net, sd = sd1_lora
+    path = save_kohya(tmp_path / "resume.safetensors", sd, {"ss_steps": "10"})
+    fresh = build_tiny("sd1")
+    net2 = inject_network(fresh, NetworkConfig(network_dim=4, network_alpha=2.0, network_weights=str(path)))
+    x = inputs(fresh)
+    assert max_diff(outputs(model.unet, model.text_encoders, x)[0], outputs(fresh.unet, fresh.text_encoders, x)[0]) <= 1e-6
+    opt = torch.optim.SGD(param_groups(net2, base_lr=1e-2, unet_lr=None, te_lr=None), lr=1e-2)
+    ids, lat, _, kw = x
+    ctx = fresh.text_encoders[0](ids).last_hidden_state  # the last layer too, so every adapter gets a gradient
+    loss = fresh.unet(lat, 10, ctx, **kw).sample.pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net2.parameters())
+    opt.step()
+    after = network_state_dict_kohya(fresh, net2)
+    assert set(after) == set(sd) and any(not torch.equal(after[k], sd[k]) for k in sd if k.endswith(".weight"))

@@ -5,8 +5,8 @@ One place per adapter type, both directions, so saving and loading cannot drift 
   [out, r, 1, 1]), `alpha` (0-dim). Scale alpha / r in both (sd-scripts networks/lora.py LoRAModule).
 - DoRA: LoRA tensors + `dora_scale`, the per-output-row magnitude, written [out, 1] (Linear) / [out, 1, 1, 1] (conv):
   LyCORIS' `wd_on_out=True` layout. peft norms the weight per output row (peft tuners/lora/dora.py), which is that
-  layout; ComfyUI tells the two layouts apart by `dora_scale.shape[0] == out` (comfy/weight_adapter/base.py
-  weight_decompose). A1111 reads only the input-axis layout, and diffusers' SD/SDXL loader drops `dora_scale`.
+  layout; ComfyUI's weight_decompose picks the axis by `dora_scale.shape[0] == out` (read in its source,
+  not run here). A1111 reads only the input-axis layout; diffusers' SD/SDXL loader drops `dora_scale` (lora_pipeline.py).
 - LoHa: `hada_w1_a` [out, r], `hada_w1_b` [r, in*k*k], `hada_w2_a`, `hada_w2_b`, `alpha`; delta = (w1a w1b) * (w2a w2b)
   * alpha / r, same shapes and formula in peft and LyCORIS (lycoris/modules/loha.py).
 - LoKr: `lokr_w1` or `lokr_w1_a`/`_b`, `lokr_w2` or `lokr_w2_a`/`_b`, `alpha`; delta = kron(w1, w2) * scale. Readers
