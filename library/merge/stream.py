@@ -167,7 +167,7 @@ def single_file_source(path: Path) -> TensorSource:
 # ---------------------------------------------------------------------------------------------------------------
 # Diffusers folders.
 
-_TE_PARTS = {"sd1": [("text_encoder", SD1_TE, "clip")], "sd2": [("text_encoder", SD2_TE, "openclip")],
+TE_PARTS = {"sd1": [("text_encoder", SD1_TE, "clip")], "sd2": [("text_encoder", SD2_TE, "openclip")],
              "sdxl": [("text_encoder", SDXL_TE1, "clip"), ("text_encoder_2", SDXL_TE2, "openclip")]}
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                  "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
@@ -190,18 +190,18 @@ def folder_parts(folder: Path, family: str | None = None, *, with_weights: bool 
     from library.models.load import detect_family as folder_family
 
     index_path = folder / "model_index.json"
-    index = _read_json(index_path) if index_path.is_file() else {}
+    index = read_json(index_path) if index_path.is_file() else {}
     if not (folder / "unet" / "config.json").is_file():
         raise ModelFileError(f"{folder}: not a diffusers folder (no unet/config.json)")
-    unet_cfg = _read_json(folder / "unet" / "config.json")
+    unet_cfg = read_json(folder / "unet" / "config.json")
     family = family or folder_family(index, unet_cfg)
     parts: list[Part] = []
     for name, kind, prefix in [("unet", "unet", ""), ("vae", "vae", ""),
-                               *((n, k, p) for n, p, k in _TE_PARTS[family])]:
+                               *((n, k, p) for n, p, k in TE_PARTS[family])]:
         cfg_path = folder / name / "config.json"
         if not cfg_path.is_file():
             raise ModelFileError(f"{folder}: missing {name}/config.json (needed for an {family} model)")
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path)
         file = None
         if with_weights:
             wpath = folder / name / WEIGHT_FILES[name]
@@ -273,7 +273,7 @@ def folder_source(folder: Path, name: str | None = None) -> TensorSource:
                 else:
                     entries[k] = _const(t.to(entries[prefix + "ln_final.weight"].dtype))
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched = _read_json(sched_path) if sched_path.is_file() else {}
+    sched = read_json(sched_path) if sched_path.is_file() else {}
     metadata = {}
     if sched.get("prediction_type") == "v_prediction":
         entries[V_PRED_KEY] = _const(torch.zeros(0))
@@ -297,7 +297,7 @@ def _rule_reader(f: SafetensorsFile, part: Part, rule: KeyRule) -> Callable[[], 
     return read
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
