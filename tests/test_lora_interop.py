@@ -247,6 +247,7 @@ def test_save_metadata_and_hashes(sd1_lora, tmp_path):
     assert set(tensors) == set(sd) and tensors[next(iter(sd))].dtype == torch.float16
     # half-precision file loads back into the fp32 network
     load_kohya_into(model, net, tensors)
+    load_kohya_into(model, net, sd)  # back to the fp32 values: the fixture is shared
     assert metadata_for(family="sdxl", v_prediction=False, network_module="loha", network_dim=4, network_alpha=1,
                         title="x")["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata_for(family="sd1", v_prediction=False, network_module="dora", network_dim=4, network_alpha=1,
