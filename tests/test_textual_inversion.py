@@ -289,3 +289,23 @@ def test_there_are_three_example_configs():
     names = {p.name for p in CONFIGS.glob("*textual_inversion.toml")}
     assert names == {"quickstart_textual_inversion.toml", "sd15_textual_inversion.toml",
                      "sdxl_textual_inversion.toml"}
+
+
+def test_sdxl_pooled_output_reads_the_end_token_not_the_new_token():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from library.models.configs import CONFIGS_ROOT
+    from library.models.tiny import tiny_text_configs
+
+    torch.manual_seed(0)
+    enc = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_configs("sdxl")[1])).eval()
+    tok = CLIPTokenizer.from_pretrained(str(CONFIGS_ROOT / "clip_tokenizer"))
+    ti.add_token(tok, enc, "<t>", 1, "cat")
+    ids = tok(["a <t> sitting"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    end = int((ids[0] == tok.eos_token_id).nonzero()[0])
+    with torch.no_grad():
+        out = enc(ids, output_hidden_states=True)
+        at_end = enc.text_projection(out.last_hidden_state[0, end])
+        assert not torch.allclose(out.text_embeds[0], at_end)  # released configs pool at the highest id (<t>)
+        ti.pool_at_end_token(enc, tok.eos_token_id)
+        assert torch.allclose(enc(ids).text_embeds[0], at_end)
