@@ -280,3 +280,32 @@ def test_resume_from_network_weights_and_continue_training(sd1_lora, tmp_path):
     opt.step()
     after = network_state_dict_kohya(fresh, net2)
     assert set(after) == set(sd) and any(not torch.equal(after[k], sd[k]) for k in sd if k.endswith(".weight"))
+
+
+def test_merge_and_extract_with_model_names(sd1_lora):
+    """merge_lora on diffusers-named weights == the peft-adapted model; extracting the merged difference at the
+    LoRA's rank gives back a file that loads into a fresh network and reproduces it."""
+    from library.networks.kohya import kohya_weight_map, target_weight_map
+    from library.networks.lora_tools import extract_lora, merge_lora
+
+    model, net, sd = sd1_lora
+    base = build_tiny("sd1")
+    weights = {f"unet.{k}": v for k, v in base.unet.state_dict().items()}
+    weights |= {f"text_encoder.{k}": v for k, v in base.text_encoders[0].state_dict().items()}
+    merged = merge_lora(weights, sd, kohya_weight_map(base))
+    x = inputs(base)
+    want = outputs(model.unet, model.text_encoders, x)
+    target = build_tiny("sd1")
+    target.unet.load_state_dict({k[5:]: v for k, v in merged.items() if k.startswith("unet.")})
+    target.text_encoders[0].load_state_dict({k[13:]: v for k, v in merged.items() if k.startswith("text_encoder.")})
+    got = outputs(target.unet, target.text_encoders, x)
+    assert max_diff(want[0], got[0]) <= 1e-5 and max_diff(want[1][0], got[1][0]) <= 1e-5
+
+    cfg = NetworkConfig(network_dim=4, network_alpha=2.0)
+    extracted = extract_lora(weights, merged, target_weight_map(base, cfg), rank=4, clamp_quantile=None, min_diff=0.0)
+    assert set(extracted) == set(sd)
+    fresh = build_tiny("sd1")
+    net2 = inject_network(fresh, cfg)
+    load_kohya_into(fresh, net2, extracted)
+    again = outputs(fresh.unet, fresh.text_encoders, x)
+    assert max_diff(want[0], again[0]) <= 1e-4 and max_diff(want[1][0], again[1][0]) <= 1e-4
