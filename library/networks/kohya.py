@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
