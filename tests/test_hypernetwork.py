@@ -322,3 +322,13 @@ def test_hypernetwork_configs_exist():
 def test_every_hypernetwork_config_loads(path):
     cfg = load_config(HypernetworkRunConfig, path)
     assert cfg.save.output_dir and cfg.hypernetwork.layer_structure[0] == 1
+
+
+def test_script_prints_config_and_reports_bad_keys(capsys):
+    from train_hypernetwork import main
+
+    assert main(["--config", str(CONFIGS[0]), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "[hypernetwork]" in out and "layer_structure = [1.0, 2.0, 1.0]" in out
+    assert main(["--config", str(CONFIGS[0]), "--hypernetwork.layer_structure", "[2, 1]"]) == 2
+    assert "first and the last equal to 1" in capsys.readouterr().err
