@@ -71,6 +71,7 @@ class DataConfig:
     # --- caching and loading ---
     cache_latents: bool = opt(False, "Encode every image with the VAE once before training (no random_crop).")
     cache_latents_to_disk: bool = opt(False, "Keep the latent cache on disk (reused by later runs) instead of memory.")
+    cache_text_encoder_outputs: bool = opt(False, "Encode every caption once before training, then move the text encoders off the GPU (captions must be fixed: no shuffle / dropout / synonyms).")
     cache_dir: str = opt("", "Folder of the on-disk latent cache; empty = the sdtk cache folder.")
     vae_batch_size: int = opt(1, "Images per VAE call while caching.")
     num_workers: int = opt(2, "DataLoader worker processes (0 = load in the training process).")
@@ -99,6 +100,14 @@ class DataConfig:
         if self.cache_latents and self.random_crop:
             raise ConfigError("data.random_crop = true cannot be used with data.cache_latents = true "
                               "(a cached latent has one fixed crop); turn one of them off")
+        if self.cache_text_encoder_outputs:
+            live = [k for k in ("shuffle_caption", "multilevel_tag_dropout") if getattr(self, k)]
+            live += [k for k in ("caption_dropout_rate", "caption_tag_dropout_rate", "synonym_probability",
+                                 "caption_dropout_every_n_epochs") if getattr(self, k)]
+            if live:
+                raise ConfigError("data.cache_text_encoder_outputs = true needs fixed captions, but "
+                                  + ", ".join(f"data.{k}" for k in live) + " change them while training: turn "
+                                  "those off or turn data.cache_text_encoder_outputs off")
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ConfigError("data.cache_latents_to_disk = true needs data.cache_latents = true")
         if self.prior_loss_weight < 0:

@@ -152,6 +152,30 @@ class TrainData:
                               f"{self.steps_per_epoch}: the dataset or batch settings changed since it was saved")
         self.epoch, self.position = int(sd["epoch"]), int(sd["position"])
 
+    def fixed_captions(self) -> list[str]:
+        """Every caption training will use, when captions are fixed (for text-encoder output caching).
+
+        A subset that changes captions while training (shuffle, dropout, synonyms, several caption lines) is a
+        ConfigError naming the subset and the key: its text-encoder outputs cannot be computed in advance.
+        """
+        out = set()
+        options = self.loader.dataset.options
+        for it in self.index.items:
+            o, s = options[it.subset], self.index.subsets[it.subset]
+            live = [k for k, v in (("shuffle_caption", o.shuffle), ("caption_dropout_rate", o.dropout_rate),
+                                   ("caption_dropout_every_n_epochs", o.dropout_every_n_epochs),
+                                   ("caption_tag_dropout_rate", o.tag_dropout_rate),
+                                   ("multilevel_tag_dropout", o.multilevel_dropout),
+                                   ("synonym_probability", o.synonym_probability)) if v]
+            if len(it.captions) > 1:
+                live.append(f"several caption lines in {it.path}")
+            if live:
+                raise ConfigError(f"data.cache_text_encoder_outputs = true, but subset '{s.name}' changes its captions "
+                                  f"while training ({', '.join(live)}): turn those off or turn the caching off")
+            out.add(transform_caption(pick_caption_line(it.captions, random.Random(0)), o, random.Random(0), 0,
+                                      it.quality_tag))
+        return sorted(out)
+
     def tag_frequency(self) -> dict:
         """kohya `ss_tag_frequency`: {subset folder name: {tag: number of images}}."""
         return subset_tag_frequency(self.index)

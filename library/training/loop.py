@@ -64,6 +64,7 @@ class LoopSettings:
     clip_skip: int = 1
     resolution: int = 512
     metadata: dict[str, str] = field(default_factory=dict)  # written into every saved result
+    fixed_captions: list[str] | None = None  # data.cache_text_encoder_outputs: encode these once, offload encoders
 
 
 def batch_seed(seed: int, number: int) -> int:
@@ -173,6 +174,8 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
         timings["model"] += time.perf_counter() - t
         return loss.detach(), finite
 
+    if s.fixed_captions:
+        _cache_all_captions(s.fixed_captions, method, model, text_cond, device)
     for m in modules:
         m.train()
     try:
@@ -245,6 +248,20 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     timings["wall"] = time.perf_counter() - wall0
     accelerator.end_training()
     return TrainResult(counters.step, losses, result_path, counters.nan_steps, timings, model)
+
+
+def _cache_all_captions(captions: list[str], method: Method, model: SDModel, text_cond, device) -> None:
+    """Encode every caption now; the text encoders then leave the GPU (they come back only to sample)."""
+    from library.errors import ConfigError
+
+    if method.trains_text_encoder(0):
+        raise ConfigError("data.cache_text_encoder_outputs = true, but this run trains the text encoder(s): "
+                          "turn the caching off, or stop training the text encoder(s)")
+    for i in range(0, len(captions), 64):
+        text_cond(captions[i:i + 64], 0)
+    if device.type != "cpu":
+        for enc in model.text_encoders:
+            enc.to("cpu")
 
 
 def _place(model: SDModel, device: torch.device, dtype: torch.dtype, trained: list, full_bf16: bool) -> None:
@@ -336,12 +353,18 @@ def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, a
         return
     for m in modules:
         m.eval()
+    device = next(model.unet.parameters()).device
+    for enc in model.text_encoders:
+        enc.to(device)  # back from the CPU if text outputs were cached
     try:
         images = generate(model, prompts, sampler=s.sample.sampler, base_seed=s.train.seed, clip_skip=s.clip_skip)
         save_images(images, prompts, out_dir / "sample", tag)
     finally:
         for m in modules:
             m.train()
+        if s.fixed_captions and device.type != "cpu":
+            for enc in model.text_encoders:
+                enc.to("cpu")
 
 
 def _writer(s: LoopSettings, out_dir: Path):

@@ -76,7 +76,8 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
                       "resolution": resolution})
     settings = LoopSettings(train=cfg.train, optimizer=cfg.optimizer, scheduler=cfg.scheduler, save=cfg.save,
                             sample=cfg.sample, log=cfg.log, clip_skip=cfg.model.clip_skip, resolution=resolution,
-                            metadata=metadata)
+                            metadata=metadata,
+                            fixed_captions=data.fixed_captions() if cfg.data.cache_text_encoder_outputs else None)
     setup_s = time.perf_counter() - t0
     result = train(model, method, data, objective, settings)
     if rank == 0:
