@@ -1,0 +1,69 @@
+"""The GPU table (library/estimate/gpus.toml, numbers cited there) and what fits on a card.
+
+A card's memory must hold the step's peak tensor bytes (library/estimate/memory.py) plus an allowance:
+- the CUDA context: driver state, kernel images (loaded lazily since CUDA 11.7), cuBLAS / cuDNN handles and
+  workspaces; PyTorch counts none of this in `memory_allocated` and it shows in nvidia-smi. CONTEXT_GIB = 0.5 is an
+  assumed typical value, not a measurement of ours (it varies with driver, CUDA and GPU);
+- the caching allocator: memory it reserved but has not handed out (block rounding to 512 B / 2 MiB segments and
+  fragmentation between differently sized blocks; PyTorch "CUDA semantics: memory management"). FRAGMENTATION = 0.15
+  of the tensor peak is an assumed typical reserved/allocated overhead for a training loop.
+Both are settable (`[estimate]` context_gib, fragmentation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+GPUS_FILE = Path(__file__).resolve().parent / "gpus.toml"
+CONTEXT_GIB = 0.5
+FRAGMENTATION = 0.15
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    memory_gib: float
+    tensor_tflops: float  # dense FP16/BF16, FP32 accumulate
+    fp32_tflops: float
+    source: str
+
+    def peak_tflops(self, mixed_precision: str) -> float:
+        """Peak throughput for the step's matmuls: tensor cores with fp16/bf16 autocast, FP32 units otherwise."""
+        match mixed_precision:
+            case "fp16" | "bf16":
+                return self.tensor_tflops
+            case "no":
+                return self.fp32_tflops
+            case other:
+                raise ValueError(f"unknown mixed precision {other!r}")
+
+
+def load_gpus(path: Path = GPUS_FILE, keys: list[str] | None = None) -> list[GPU]:
+    """The cards of `path` (all, or those named in `keys`, in that order); a KeyError names an unknown key."""
+    table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    gpus = {k: GPU(key=k, **v) for k, v in table.items()}
+    if not keys:
+        return list(gpus.values())
+    unknown = [k for k in keys if k not in gpus]
+    if unknown:
+        raise KeyError(f"unknown GPU {', '.join(unknown)}; known: {', '.join(gpus)}")
+    return [gpus[k] for k in keys]
+
+
+def allowance_bytes(peak: int, context_gib: float = CONTEXT_GIB, fragmentation: float = FRAGMENTATION) -> int:
+    """CUDA context plus caching-allocator overhead on top of a tensor peak of `peak` bytes."""
+    return int(context_gib * GIB + fragmentation * peak)
+
+
+def needed_bytes(peak: int, context_gib: float = CONTEXT_GIB, fragmentation: float = FRAGMENTATION) -> int:
+    """What the card must have: the tensor peak plus the allowance."""
+    return peak + allowance_bytes(peak, context_gib, fragmentation)
+
+
+def fits(peak: int, gpu: GPU, context_gib: float = CONTEXT_GIB, fragmentation: float = FRAGMENTATION) -> bool:
+    return needed_bytes(peak, context_gib, fragmentation) <= gpu.memory_gib * GIB
