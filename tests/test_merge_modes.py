@@ -65,3 +65,13 @@ def test_dare_ties_elects_signs():
     out = modes.task_merge("dare_ties", base, [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([3.0, 1.0, -1.0])],
                            [1, 1], 1.0, 1.0, torch.Generator())
     assert out.tolist() == [2.0, -2.0, 3.0]
+
+
+def test_out_buffers_give_the_same_values():
+    out = torch.empty(4)
+    assert modes.checkpoint_merge("add_difference", (A, B, C), 0.5, 0.0, out=out) is out
+    assert out.tolist() == [2.0, 0.5, -6.0, 16.0]
+    assert modes.checkpoint_merge("sum_twice", (A, B, C), 0.25, 0.5, out=out).tolist() == [1.25, 1.0, 0.5, 0.0]
+    a = A.clone()
+    modes.weighted_sum(a, B, 0.25, out=a)  # in place on A's storage (documented as allowed)
+    assert a.tolist() == [1.5, 1.0, -3.0, 8.0]

@@ -129,7 +129,7 @@ def merge_loras(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) ->
                 plan.setdefault(key, []).append((name, {f"{name}.{s}": t for s, t in module.items()}, strength,
                                                  block))
 
-        def combine(key: str, ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        def combine(key: str, ts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
             w = ts[0]
             for name, module, strength, block in plan.get(key, []):
                 rows = _rows(w, block)

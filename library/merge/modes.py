@@ -24,37 +24,46 @@ CheckpointMode = Literal["weighted_sum", "add_difference", "triple_sum", "sum_tw
 TaskMode = Literal["ties", "dare", "dare_ties"]
 
 
-def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) A + alpha B."""
-    return a.mul(1 - alpha).add_(b, alpha=alpha)
+# `out`: an optional preallocated result tensor (it may be one of the inputs' storage only where noted), so that a
+# streaming merge reuses one work buffer instead of allocating (and page-faulting) a fresh one per chunk.
 
 
-def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
+def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha) A + alpha B. `out` may be `a`."""
+    return torch.mul(a, 1 - alpha, out=out).add_(b, alpha=alpha)
+
+
+def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """A + alpha (B - C): moves A by what separates B from its base C (e.g. an inpainting or style delta)."""
-    return torch.sub(b, c).mul_(alpha).add_(a)
+    return torch.sub(b, c, out=out).mul_(alpha).add_(a)
 
 
-def triple_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """(1 - alpha - beta) A + alpha B + beta C (supermerger "Triple sum")."""
-    return a.mul(1 - alpha - beta).add_(b, alpha=alpha).add_(c, alpha=beta)
+def triple_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float, beta: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha - beta) A + alpha B + beta C (supermerger "Triple sum"). `out` may be `a`."""
+    return torch.mul(a, 1 - alpha - beta, out=out).add_(b, alpha=alpha).add_(c, alpha=beta)
 
 
-def sum_twice(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def sum_twice(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float, beta: float,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """(1 - beta) ((1 - alpha) A + alpha B) + beta C (supermerger "sum Twice": two weighted sums in a row)."""
-    return weighted_sum(weighted_sum(a, b, alpha), c, beta)
+    first = weighted_sum(a, b, alpha, out=out)
+    return weighted_sum(first, c, beta, out=first)
 
 
-def checkpoint_merge(mode: CheckpointMode, tensors: Sequence[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """Dispatch one of the four checkpoint modes; `tensors` is (A, B) or (A, B, C)."""
+def checkpoint_merge(mode: CheckpointMode, tensors: Sequence[torch.Tensor], alpha: float, beta: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch one of the four checkpoint modes; `tensors` is (A, B) or (A, B, C); `out` may be A's storage."""
     match mode:
         case "weighted_sum":
-            return weighted_sum(tensors[0], tensors[1], alpha)
+            return weighted_sum(tensors[0], tensors[1], alpha, out=out)
         case "add_difference":
-            return add_difference(tensors[0], tensors[1], tensors[2], alpha)
+            return add_difference(tensors[0], tensors[1], tensors[2], alpha, out=out)
         case "triple_sum":
-            return triple_sum(tensors[0], tensors[1], tensors[2], alpha, beta)
+            return triple_sum(tensors[0], tensors[1], tensors[2], alpha, beta, out=out)
         case "sum_twice":
-            return sum_twice(tensors[0], tensors[1], tensors[2], alpha, beta)
+            return sum_twice(tensors[0], tensors[1], tensors[2], alpha, beta, out=out)
         case _:
             raise AssertionError(f"unknown checkpoint merge mode {mode!r}")
 

@@ -13,6 +13,7 @@ import hashlib
 import shutil
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,8 +32,9 @@ from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK = 1 << 22  # elements per float32 work chunk of an elementwise merge (16 MiB)
 
-# combine(key, float32 input tensors) -> merged tensor (any float dtype, same shape)
-Combine = Callable[[str, Sequence[torch.Tensor]], torch.Tensor]
+# combine(key, float32 input tensors, optional float32 result buffer) -> merged tensor (float, same shape).
+# Elementwise modes write into the buffer; the others may ignore it.
+Combine = Callable[[str, Sequence[torch.Tensor], "torch.Tensor | None"], torch.Tensor]
 
 
 def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
@@ -111,7 +113,7 @@ def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, bool]:
     if m.mode in ("ties", "dare", "dare_ties"):
         weights = list(m.weights) or [1.0] * len(m.models)
 
-        def task(key: str, ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        def task(key: str, ts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
             # A generator per key, seeded from the key's name: the masks do not depend on the order keys are read.
             g = torch.Generator().manual_seed((m.seed * 0x9E3779B1 + zlib.crc32(key.encode())) % (1 << 63))
             return modes.task_merge(m.mode, ts[0], ts[1:], weights, m.density, m.scale, g)  # type: ignore[arg-type]
@@ -120,26 +122,36 @@ def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, bool]:
     alphas = parse_block_alphas(m.block_alphas, family, m.alpha, what="merge.block_alphas")  # type: ignore[arg-type]
     betas = parse_block_alphas(m.block_betas, family, m.beta, what="merge.block_betas")  # type: ignore[arg-type]
 
-    def combine(key: str, ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def combine(key: str, ts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         slot = block_slot(key, family)  # type: ignore[arg-type]
-        return modes.checkpoint_merge(m.mode, ts, alphas[slot], betas[slot])  # type: ignore[arg-type]
+        return modes.checkpoint_merge(m.mode, ts, alphas[slot], betas[slot], out=out)  # type: ignore[arg-type]
 
     return combine, True
 
 
 def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, elementwise: bool,
-              dtype: torch.dtype) -> torch.Tensor:
-    """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise)."""
+              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise).
+
+    `work`: len(tensors) + 1 float32 buffers of CHUNK elements (`work_buffers`), reused for every chunk and key so
+    the merge does not allocate (and page-fault in) fresh float32 memory per chunk.
+    """
     out = torch.empty(tensors[0].shape, dtype=dtype)
     if not elementwise:
-        out.copy_(combine(key, [t.float() for t in tensors]))
+        out.copy_(combine(key, [t.float() for t in tensors], None))
         return out
+    work = work or work_buffers(len(tensors))
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
     for start in range(0, flat_out.numel(), CHUNK):
-        part = [f[start:start + CHUNK].float() for f in flats]
-        flat_out[start:start + CHUNK].copy_(combine(key, part))
+        n = min(CHUNK, flat_out.numel() - start)
+        part = [w[:n].copy_(f[start:start + n]) for w, f in zip(work, flats)]
+        flat_out[start:start + n].copy_(combine(key, part, work[-1][:n]))
     return out
+
+
+def work_buffers(n_inputs: int) -> list[torch.Tensor]:
+    return [torch.empty(CHUNK, dtype=torch.float32) for _ in range(n_inputs + 1)]
 
 
 def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combine, elementwise: bool,
@@ -160,22 +172,39 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
             sink: Any = SafetensorsWriter(tmp, specs, metadata)
         else:
             sink = DiffusersSink(tmp, specs, _config_dir(sources, cfg), a.family, recipe_text)
-        try:
-            for key in keys:
-                e = a.entries[key]
-                if is_weight(key, e.dtype, e.shape):
-                    tensors = [s.get(key) for s in sources]
-                    value = merge_key(key, tensors, combine, elementwise, dtype)
+        work = work_buffers(len(sources)) if elementwise else None
+        # One reader thread fetches the next key's tensors while this one merges and writes (file reads release the
+        # GIL), so reading, computing and writing overlap; at most two keys are in memory at once.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            try:
+                pending = pool.submit(_fetch, sources, keys[0]) if keys else None
+                for i, key in enumerate(keys):
+                    assert pending is not None
+                    tensors = pending.result()
+                    pending = pool.submit(_fetch, sources, keys[i + 1]) if i + 1 < len(keys) else None
+                    e = a.entries[key]
+                    if is_weight(key, e.dtype, e.shape):
+                        value = merge_key(key, tensors, combine, elementwise, dtype, work)
+                    else:
+                        value = tensors[0].to(specs[key][0])
                     del tensors
-                else:
-                    value = a.get(key).to(specs[key][0])
-                sink.write(key, value)
-                del value
-                bar.update(_numel(e.shape))
-        finally:
-            sink.close()
-            bar.close()
+                    sink.write(key, value)
+                    del value
+                    bar.update(_numel(e.shape))
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                sink.close()
+                bar.close()
     return out_path
+
+
+def _fetch(sources: Sequence[TensorSource], key: str) -> list[torch.Tensor]:
+    """Every input's tensor of a weight key; only model A's for the keys copied from A."""
+    e = sources[0].entries[key]
+    if is_weight(key, e.dtype, e.shape):
+        return [s.get(key) for s in sources]
+    return [sources[0].get(key)]
 
 
 def _out_dtype(src: torch.dtype, dtype: torch.dtype) -> torch.dtype:
