@@ -279,7 +279,10 @@ def build_train_data(cfg: DataConfig, *, default_resolution: int, seed: int, ran
     use_masks = any(s.alpha_mask for s in index.subsets)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_EpochBatches(sampler), num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0, collate_fn=Collate(use_masks),
-                                         pin_memory=torch.cuda.is_available())
+                                         pin_memory=torch.cuda.is_available(),
+                                         # Its own generator: each new iterator draws a worker base seed, which from
+                                         # torch's global RNG would shift dropout draws and break exact resume.
+                                         generator=torch.Generator().manual_seed(seed))
     report = bk.bucket_report([(it.placement.bucket, it.placement.ar_error) for it in index.items],
                               {b: n for (_, b), n in zip(keys, sizes)} if cfg.bucket_mode == "sequence_length" else None)
     if rank == 0:
