@@ -157,6 +157,13 @@ def test_tiny_models_keep_the_released_block_structure():
     assert [type(t).__name__ for t in xl.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
     assert [t.config.hidden_act for t in (sd1.text_encoders[0], sd2.text_encoders[0])] == ["quick_gelu", "gelu"]
     assert list(sd1.vae.config.block_out_channels) == [16, 32, 32, 32]
+    for m in (sd1, sd2, xl):
+        # Small enough for a millisecond-scale CPU step (v1 had ~8.5 M), and text widths apart from every UNet width
+        # (A1111 hypernetworks pick their layers by context width).
+        assert sum(p.numel() for p in m.unet.parameters()) < 2_500_000
+        widths = set(m.unet.config.block_out_channels)
+        assert widths.isdisjoint(t.config.hidden_size for t in m.text_encoders)
+        assert m.unet.config.cross_attention_dim not in widths
     latents = sd1.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8)
 
