@@ -168,7 +168,7 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer, live: LiveBytes | None) -> tuple[int, int]:
+def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer, live: LiveBytes | None) -> tuple[int, int]:
     """One training step as library/training/loop.py runs it; returns (gradient bytes, `live`'s peak after the
     forward pass). Runs on fake or real tensors alike (tests run it on a real tiny model to check the estimate)."""
     from library.models.text import encode_text
@@ -262,7 +262,7 @@ def measure(spec: EstimateSpec) -> StepMeasure:
         state = live.current - weights
         live.reset_peak()
         with counter:
-            grads, forward_peak = _run_step(model, spec, trained, optimizer, live)
+            grads, forward_peak = run_step(model, spec, trained, optimizer, live)
     return StepMeasure(
         peak_without_state=live.peak - state, forward_peak_without_state=forward_peak - state, weights=weights,
         gradients=grads, optimizer="AdamW" if run_adamw else "SGD", measured_state=state,
