@@ -225,3 +225,52 @@ def test_fake_estimate_matches_real_full_finetune(tiny_sd1_configs):
     storages, malloc = _real_peaks(spec)
     assert estimate.peak == pytest.approx(storages, rel=1e-3)
     assert estimate.peak == pytest.approx(malloc, rel=0.05)
+
+
+def test_ladder_applies_changes_cumulatively_until_every_card_fits(monkeypatch):
+    from library.estimate import report as report_module
+    from library.estimate.memory import finish
+
+    def fake_estimate(spec: EstimateSpec, label: str = "") -> Estimate:
+        # Stand-in for the fake-tensor run: 20 GiB, -4 cached, -6 checkpointing, -2 per batch halving.
+        peak = 20 * GIB - 4 * GIB * spec.cache_latents - 6 * GIB * spec.gradient_checkpointing
+        peak -= 2 * GIB * (4 - spec.batch_size)
+        return finish(_measure(peak, state=GIB, shapes=(((GIB // 8,), 4),)), spec, label, 1.0)
+
+    monkeypatch.setattr(report_module, "estimate_step", fake_estimate)
+    spec = EstimateSpec(family="sd1", method="full", batch_size=4, mixed_precision="no")
+    steps = report_module.ladder(fake_estimate(spec, "as configured"), load_gpus(keys=["rtx3070"]))
+    assert [e.label for e in steps] == [
+        "as configured", "cached latents/text", "cached latents/text + 8-bit optimizer",
+        "cached latents/text + 8-bit optimizer + gradient checkpointing",
+        "cached latents/text + 8-bit optimizer + gradient checkpointing + half batch x2 accumulation (batch 2)",
+    ]
+    last = steps[-1]
+    assert last.spec.optimizer == "AdamW8bit" and last.spec.gradient_accumulation_steps == 2
+    assert last.flops == 2 * 10**12  # two micro-batches per optimizer step
+    assert fits(last.peak, load_gpus(keys=["rtx3070"])[0]) and not fits(steps[-2].peak, load_gpus(keys=["rtx3070"])[0])
+
+
+@pytest.mark.slow
+def test_ti_and_hn_train_what_they_should(tiny_sd1_configs):
+    base = dict(family="sd1", config_dir=tiny_sd1_configs, resolution=(64, 64), mixed_precision="no")
+    ti = estimate_step(EstimateSpec(method="ti", ti_vectors=2, **base))
+    assert ti.trained_params == (49408 + 2) * 48  # the whole token embedding of the tiny encoder (width 48)
+    hn = estimate_step(EstimateSpec(method="hn", **base))
+    # One (k, v) pair of [1, 2, 1] MLPs per context width: Linear(w, 2w) + Linear(2w, w), with biases.
+    widths = (16, 32, 64, 48)  # self-attention at the tiny UNet widths, cross-attention at the text width
+    assert hn.trained_params == sum(2 * (4 * w * w + 3 * w) for w in widths)
+    assert hn.flops > 0 and ti.gradients == ti.trained_params * 4
+
+
+@pytest.mark.slow
+def test_full_size_sanity():
+    """SD1.5 LoRA 512 px batch 1 fp16 (the public 6-8 GB is for that recipe) and SDXL full fine-tune with fp32 AdamW
+    (must not fit 24 GB)."""
+    sd15 = estimate_step(EstimateSpec(family="sd1", method="lora", resolution=(512, 512), mixed_precision="fp16"))
+    assert 2.5 * GIB < sd15.peak < 8 * GIB
+    sdxl = estimate_step(EstimateSpec(family="sdxl", method="full", resolution=(1024, 1024), mixed_precision="no",
+                                      cache_latents=True, cache_text_outputs=True))
+    assert sdxl.trained_params == 2_567_463_684
+    assert sdxl.weights + sdxl.gradients + sdxl.optimizer_state > 4 * 2_567_463_684 * 4  # 16 B/param at least
+    assert not fits(sdxl.peak, load_gpus(keys=["rtx4090"])[0])
