@@ -75,3 +75,14 @@ def test_out_buffers_give_the_same_values():
     a = A.clone()
     modes.weighted_sum(a, B, 0.25, out=a)  # in place on A's storage (documented as allowed)
     assert a.tolist() == [1.5, 1.0, -3.0, 8.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weighted_sum_on_half_inputs_rounds_once_from_float32(dtype):
+    """The streaming merge runs weighted_sum on stored fp16 / bf16 tensors directly: torch must compute in float32
+    and round once, i.e. give exactly the float32 result rounded to the storage dtype."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(100_000, generator=g).to(dtype), torch.randn(100_000, generator=g).to(dtype)
+    for alpha in (0.1, 0.5, 11 / 12):
+        want = modes.weighted_sum(a.float(), b.float(), alpha).to(dtype)
+        assert torch.equal(modes.weighted_sum(a, b, alpha, out=torch.empty_like(a)), want)

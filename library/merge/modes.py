@@ -29,8 +29,11 @@ TaskMode = Literal["ties", "dare", "dare_ties"]
 
 
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(1 - alpha) A + alpha B. `out` may be `a`."""
-    return torch.mul(a, 1 - alpha, out=out).add_(b, alpha=alpha)
+    """(1 - alpha) A + alpha B, computed as torch.lerp: A + alpha (B - A) (B - (1 - alpha)(B - A) for alpha >= 0.5,
+    so alpha = 0 and 1 give A and B exactly). One pass; for fp16 / bf16 inputs torch computes each element in float32
+    and rounds once (tests/test_merge_modes.py checks it), so a streaming merge needs no float32 copies. `out` may
+    be `a`."""
+    return torch.lerp(a, b, alpha, out=out) if out is not None else torch.lerp(a, b, alpha)
 
 
 def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float,
@@ -50,6 +53,10 @@ def sum_twice(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float, b
     """(1 - beta) ((1 - alpha) A + alpha B) + beta C (supermerger "sum Twice": two weighted sums in a row)."""
     first = weighted_sum(a, b, alpha, out=out)
     return weighted_sum(first, c, beta, out=first)
+
+
+# Modes computed in one torch op, which rounds once from float32 even for half-precision inputs (see weighted_sum).
+SINGLE_OP_MODES = ("weighted_sum",)
 
 
 def checkpoint_merge(mode: CheckpointMode, tensors: Sequence[torch.Tensor], alpha: float, beta: float,

@@ -15,7 +15,7 @@ import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -35,6 +35,8 @@ CHUNK = 1 << 22  # elements per float32 work chunk of an elementwise merge (16 M
 # combine(key, float32 input tensors, optional float32 result buffer) -> merged tensor (float, same shape).
 # Elementwise modes write into the buffer; the others may ignore it.
 Combine = Callable[[str, Sequence[torch.Tensor], "torch.Tensor | None"], torch.Tensor]
+# False: whole tensors (TIES top-k, LoRA); True: any chunk of elements; "single_op": also on half-precision inputs.
+Elementwise = bool | Literal["single_op"]
 
 
 def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
@@ -107,7 +109,7 @@ def check_compatible(sources: Sequence[TensorSource]) -> list[str]:
     return a.keys()
 
 
-def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, bool]:
+def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, Elementwise]:
     """The per-key function of the configured mode, and whether it is elementwise (may run on chunks)."""
     m = cfg.merge
     if m.mode in ("ties", "dare", "dare_ties"):
@@ -126,17 +128,22 @@ def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, bool]:
         slot = block_slot(key, family)  # type: ignore[arg-type]
         return modes.checkpoint_merge(m.mode, ts, alphas[slot], betas[slot], out=out)  # type: ignore[arg-type]
 
-    return combine, True
+    return combine, "single_op" if m.mode in modes.SINGLE_OP_MODES else True
 
 
-def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, elementwise: bool,
-              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise).
+def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, elementwise: Elementwise,
+              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None, arena: Arena | None = None
+              ) -> torch.Tensor:
+    """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise; in one call
+    on the stored tensors for a single-op mode whose inputs are already in `dtype`).
 
     `work`: len(tensors) + 1 float32 buffers of CHUNK elements (`work_buffers`), reused for every chunk and key so
-    the merge does not allocate (and page-fault in) fresh float32 memory per chunk.
+    the merge does not allocate (and page-fault in) fresh float32 memory per chunk. `arena`: where the result goes
+    (valid until the arena's next `take`), for the same reason.
     """
-    out = torch.empty(tensors[0].shape, dtype=dtype)
+    out = arena.take(tensors[0].shape, dtype) if arena is not None else torch.empty(tensors[0].shape, dtype=dtype)
+    if elementwise == "single_op" and all(t.dtype == dtype for t in tensors):
+        return combine(key, tensors, out)  # one pass, float32 inside the op: no chunks, no float32 copies
     if not elementwise:
         out.copy_(combine(key, [t.float() for t in tensors], None))
         return out
@@ -150,11 +157,25 @@ def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, eleme
     return out
 
 
+class Arena:
+    """One reused output buffer: `take` returns a view of it, valid until the next `take` (the caller writes each
+    merged tensor out before merging the next)."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = _numel(shape) * torch.empty(0, dtype=dtype).element_size()
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes].view(dtype).view(tuple(shape))
+
+
 def work_buffers(n_inputs: int) -> list[torch.Tensor]:
     return [torch.empty(CHUNK, dtype=torch.float32) for _ in range(n_inputs + 1)]
 
 
-def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combine, elementwise: bool,
+def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combine, elementwise: Elementwise,
                 cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
     """Merge every key and write the single file or diffusers folder the config asks for (atomically)."""
     dtype = PRECISIONS[cfg.output.precision]
@@ -173,6 +194,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
         else:
             sink = DiffusersSink(tmp, specs, _config_dir(sources, cfg), a.family, recipe_text)
         work = work_buffers(len(sources)) if elementwise else None
+        arena = Arena()
         # One reader thread fetches the next key's tensors while this one merges and writes (file reads release the
         # GIL), so reading, computing and writing overlap; at most two keys are in memory at once.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -184,7 +206,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
                     pending = pool.submit(_fetch, sources, keys[i + 1]) if i + 1 < len(keys) else None
                     e = a.entries[key]
                     if is_weight(key, e.dtype, e.shape):
-                        value = merge_key(key, tensors, combine, elementwise, dtype, work)
+                        value = merge_key(key, tensors, combine, elementwise, dtype, work, arena)
                     else:
                         value = tensors[0].to(specs[key][0])
                     del tensors

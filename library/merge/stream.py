@@ -41,8 +41,12 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 class SafetensorsFile:
     """Header-checked safetensors file; `read(key)` returns one tensor read with plain file I/O (no mmap)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, ring: int = 0):
+        """`ring` > 0: read into that many reused buffers in turn, so a tensor returned stays valid only until
+        `ring` more reads of this file (no fresh, page-faulting memory per tensor); 0: every read gets new memory."""
         self.path = Path(path)
+        self._ring: list[bytearray] = [bytearray() for _ in range(ring)]
+        self._turn = 0
         self.shapes, self.metadata = read_safetensors_header(self.path)  # validates sizes and offsets
         with open(self.path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -62,9 +66,17 @@ class SafetensorsFile:
         dtype, (start, end) = self._entries[key]
         if self._file is None:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the merge, closed by close()
-        buf = bytearray(end - start)
+        size = end - start
+        if self._ring:
+            slot = self._turn % len(self._ring)
+            self._turn += 1
+            if len(self._ring[slot]) < size:
+                self._ring[slot] = bytearray(size)
+            buf: Any = memoryview(self._ring[slot])[:size]
+        else:
+            buf = bytearray(size)
         self._file.seek(self._data_start + start)
-        if self._file.readinto(buf) != len(buf):
+        if self._file.readinto(buf) != size:
             raise ModelFileError(f"{self.path}: file ends inside tensor '{key}' (truncated download?)")
         if not buf:
             return torch.empty(self.shapes[key], dtype=dtype)
@@ -103,11 +115,18 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         return self.entries[key].read()
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
     @property
     def prediction_type(self) -> str:
-        if V_PRED_KEY in self.entries or self.metadata.get("modelspec.prediction_type") in ("v", "v_prediction"):
-            return "v_prediction"
-        return "epsilon"
+        """As `load_single_file` decides it (v_pred key, modelspec metadata, SD2 norm-statistics probe)."""
+        from library.models.single_file import detect_prediction
+
+        return detect_prediction(self, self.family, None)  # type: ignore[arg-type]
 
     def close(self) -> None:
         for c in self._closers:
@@ -136,7 +155,8 @@ def single_file_source(path: Path) -> TensorSource:
     entries: dict[str, Entry] = {}
     closers: list[Any] = []
     if path.suffix.lower() == ".safetensors":
-        f = SafetensorsFile(path)
+        # A merge holds at most two keys' tensors of a file (the one merged, the one prefetched): a ring of 3.
+        f = SafetensorsFile(path, ring=3)
         closers.append(f)
         shapes, metadata = f.shapes, f.metadata
 
@@ -274,10 +294,10 @@ def folder_source(folder: Path, name: str | None = None) -> TensorSource:
                     entries[k] = _const(t.to(entries[prefix + "ln_final.weight"].dtype))
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = read_json(sched_path) if sched_path.is_file() else {}
-    metadata = {}
-    if sched.get("prediction_type") == "v_prediction":
+    v_pred = sched.get("prediction_type") == "v_prediction"
+    metadata = {"modelspec.prediction_type": "v" if v_pred else "epsilon"}  # the folder says; no probe needed
+    if v_pred:
         entries[V_PRED_KEY] = _const(torch.zeros(0))
-        metadata["modelspec.prediction_type"] = "v"
     if sched.get("rescale_betas_zero_snr"):
         entries[ZTSNR_KEY] = _const(torch.zeros(0))
     closers = [p.file for p in parts]
