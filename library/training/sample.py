@@ -109,7 +109,10 @@ def generate(model: SDModel, prompts: list[SamplePrompt], *, sampler: str, base_
                       num_inference_steps=p.steps, guidance_scale=p.cfg_scale, generator=gen)
         if clip_skip > 1:
             kwargs["clip_skip"] = clip_skip - 1  # diffusers counts skipped layers; sd-scripts counts from 1
-        with torch.autocast(device.type, enabled=False):
+        # Half-precision frozen weights with fp32 trained parts (adapters, embeddings): autocast, as in training,
+        # so the pipeline's fp32 latents and embeddings meet the UNet in one dtype.
+        dtype = next(model.unet.parameters()).dtype
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             images.append(pipe(**kwargs).images[0])
     return images
 
