@@ -111,8 +111,9 @@ def generate(model: SDModel, prompts: list[SamplePrompt], *, sampler: str, base_
             kwargs["clip_skip"] = clip_skip - 1  # diffusers counts skipped layers; sd-scripts counts from 1
         # Half-precision frozen weights with fp32 trained parts (adapters, embeddings): autocast, as in training,
         # so the pipeline's fp32 latents and embeddings meet the UNet in one dtype.
-        dtype = next(model.unet.parameters()).dtype
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        halves = {p.dtype for m in (model.unet, *model.text_encoders) for p in m.parameters()} - {torch.float32}
+        dtype = min(halves, key=str) if halves else torch.float32
+        with torch.autocast(device.type, dtype=dtype, enabled=bool(halves)):
             images.append(pipe(**kwargs).images[0])
     return images
 
