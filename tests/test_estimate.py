@@ -274,3 +274,28 @@ def test_full_size_sanity():
     assert sdxl.trained_params == 2_567_463_684
     assert sdxl.weights + sdxl.gradients + sdxl.optimizer_state > 4 * 2_567_463_684 * 4  # 16 B/param at least
     assert not fits(sdxl.peak, load_gpus(keys=["rtx4090"])[0])
+
+
+def test_spec_from_sections_reads_the_tables():
+    from library.config.data import DataConfig
+    from library.config.optim import OptimizerConfig
+    from library.config.train import TrainConfig
+    from library.estimate.report import spec_from_sections
+
+    train = TrainConfig(mixed_precision="bf16", gradient_checkpointing=True, gradient_accumulation_steps=3)
+    data = DataConfig(resolution=[832, 1216], batch_size=2, cache_latents=True)
+    spec = spec_from_sections("lora", "sdxl", None, train, OptimizerConfig(optimizer_type="AdamW8bit"), data)
+    assert spec.resolution == (1216, 832) and spec.batch_size == 2 and spec.gradient_accumulation_steps == 3
+    assert spec.optimizer == "AdamW8bit" and spec.cache_latents and not spec.cache_text_outputs
+    assert spec.mixed_precision == "bf16" and spec.gradient_checkpointing and spec.deepspeed_stage == 0
+    native = spec_from_sections("full", "sd1", None, TrainConfig(), OptimizerConfig(), DataConfig())
+    assert native.resolution == (512, 512)
+
+
+def test_deepspeed_without_offload_keeps_fp32_master_and_state_on_gpu():
+    from library.estimate.memory import finish
+
+    spec = EstimateSpec(family="sd1", method="full", mixed_precision="fp16", deepspeed_stage=2)
+    assert spec.trained_dtype() == torch.float16  # DeepSpeed trains the half-precision module
+    e = finish(_measure(10**8, state=0, shapes=(((1000, 1000), 2),)), spec, "ds", 0.0)
+    assert e.optimizer_state == 4 * 10**6 + 8 * 10**6 and e.peak == 10**8 + 12 * 10**6

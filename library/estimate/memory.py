@@ -72,7 +72,7 @@ class EstimateSpec:
     optimizer: str = "AdamW"  # OptimizerConfig.optimizer_type
     cache_latents: bool = False  # latents read from a cache: the VAE is neither resident nor run
     cache_text_outputs: bool = False  # frozen text encoders' outputs cached: encoders not resident nor run
-    deepspeed_stage: Literal[0, 2, 3] = 0
+    deepspeed_stage: Literal[0, 1, 2, 3] = 0  # [train.deepspeed] zero_stage
     offload_optimizer: bool = False  # DeepSpeed offload_optimizer_device = cpu
     offload_params: bool = False  # DeepSpeed stage 3 offload_param_device = cpu
     max_grad_norm: float = 1.0
@@ -246,6 +246,10 @@ def finish(raw, spec: EstimateSpec, label: str, seconds: float) -> Estimate:
             peak -= trained_w - kept
             cpu_bytes += trained_w
             notes.append("ZeRO-3 parameter offload: trained weights stream from CPU memory")
+    elif spec.deepspeed_stage and spec.trained_dtype() != torch.float32:
+        # DeepSpeed mixed precision: fp32 master weights and fp32 optimizer state beside the half-precision module.
+        state = sum(4 * math.prod(s) + optimizer_state_bytes(spec.optimizer, s, 4) for s, _ in raw.trained)
+        notes.append("DeepSpeed without offload on one GPU: fp32 master weights and optimizer state stay on the GPU")
     elif spec.optimizer == raw.optimizer:
         state = raw.measured_state
     else:
@@ -253,9 +257,6 @@ def finish(raw, spec: EstimateSpec, label: str, seconds: float) -> Estimate:
         notes.append(f"{spec.optimizer} state computed analytically")
         if spec.optimizer not in KNOWN_STATE:
             notes.append(f"{spec.optimizer}: unknown optimizer, state assumed Adam-like (two moments)")
-    if spec.deepspeed_stage and not offload and spec.trained_dtype() != torch.float32:
-        state += 4 * n_trained
-        notes.append("DeepSpeed without offload on one GPU: fp32 master weights stay on the GPU")
     if spec.method == "ti":
         notes.append("TI: the whole token embedding has a gradient and optimizer state (as sd-scripts trains it)")
     return Estimate(spec=spec, label=label, peak=peak + state, weights=weights, gradients=grads, optimizer_state=state,

@@ -181,3 +181,26 @@ def report(estimates: list[Estimate], gpus: list[GPU], price_per_hour: float, to
         lines.append(row)
     lines.append("Estimated on fake tensors in " + ", ".join(f"{e.seconds:.0f} s" for e in estimates if e.seconds))
     return "\n".join(lines)
+
+
+def spec_from_sections(method: str, family: str, config_dir, train, optimizer, data, network=None,
+                       ti_vectors: int = 1, hn_layer_structure: tuple[float, ...] = (1.0, 2.0, 1.0)) -> EstimateSpec:
+    """The EstimateSpec of a run from its resolved tables: `[train]` (TrainConfig, with `deepspeed` when the config
+    has it), `[optimizer]`, `[data]` and `[network]`; `family` and `config_dir` as the loaded model says."""
+    from library.models.families import FAMILIES
+
+    side = data.resolution or FAMILIES[family].resolution
+    width, height = (side, side) if isinstance(side, int) else (side[0], side[1])
+    deepspeed = getattr(train, "deepspeed", None)
+    stage = deepspeed.zero_stage if deepspeed is not None else 0
+    return EstimateSpec(
+        family=family, config_dir=config_dir, method=method, network=network, ti_vectors=ti_vectors,
+        hn_layer_structure=tuple(hn_layer_structure), resolution=(height, width), batch_size=data.batch_size,
+        mixed_precision=train.mixed_precision, full_bf16=train.full_bf16,
+        gradient_checkpointing=train.gradient_checkpointing, train_text_encoder=train.train_text_encoder,
+        optimizer=optimizer.optimizer_type, cache_latents=data.cache_latents,
+        cache_text_outputs=data.cache_text_encoder_outputs, deepspeed_stage=stage,
+        offload_optimizer=stage > 0 and deepspeed.offload_optimizer == "cpu",
+        offload_params=stage > 0 and deepspeed.offload_param == "cpu", max_grad_norm=optimizer.max_grad_norm,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+    )
