@@ -21,7 +21,8 @@ What is measured and what is modelled (see `Estimate.notes` for the run at hand)
   mixed-precision dtype on the GPU (measured so), the fp32 master weights, fp32 gradients and optimizer state go to CPU
   memory (`cpu_bytes`), and only gradient buckets of DeepSpeed's default `reduce_bucket_size` (5e8 elements) stay on
   the GPU; stage 3 with parameter offload also keeps only a prefetch bucket (`stage3_prefetch_bucket_size`, 5e7
-  elements, x2 for the next one) of the trained weights on the GPU.
+  elements, x2 for the next one) of the trained weights on the GPU. Without offload, DeepSpeed on one GPU saves
+  nothing: its fp32 master weights and fp32 optimizer state sit on the GPU beside the half-precision module.
 """
 
 from __future__ import annotations

@@ -168,7 +168,8 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer, live: LiveBytes | None) -> tuple[int, int]:
+def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
+             live: LiveBytes | None) -> tuple[int, int]:
     """One training step as library/training/loop.py runs it; returns (gradient bytes, `live`'s peak after the
     forward pass). Runs on fake or real tensors alike (tests run it on a real tiny model to check the estimate)."""
     from library.models.text import encode_text
