@@ -52,13 +52,14 @@ def main() -> None:
         e = estimate_step(spec)
         row = dict(scenario=name, seconds=round(e.seconds, 2), peak_gib=round(e.peak / 2**30, 3),
                    needed_gib=round(needed_bytes(e.peak) / 2**30, 3), weights_gib=round(e.weights / 2**30, 3),
-                   gradients_gib=round(e.gradients / 2**30, 3), optimizer_state_gib=round(e.optimizer_state / 2**30, 3),
+                   gradients_gib=round(e.gradients / 2**30, 3),
+                   optimizer_state_gib=round(e.optimizer_state / 2**30, 3),
                    activations_gib=round(e.activations / 2**30, 3), tflop=round(e.flops / 1e12, 3))
         rows.append(row)
-        print(f"{name:<24} {row['seconds']:>8.1f} {row['peak_gib']:>9.2f} {row['needed_gib']:>10.2f} {row['tflop']:>7.2f}",
-              flush=True)
-    out = dict(machine=platform.platform(), cpus=os.cpu_count(), load=os.getloadavg(), import_seconds=round(import_s, 2),
-               results=rows)
+        print(f"{name:<24} {row['seconds']:>8.1f} {row['peak_gib']:>9.2f} {row['needed_gib']:>10.2f} "
+              f"{row['tflop']:>7.2f}", flush=True)
+    out = dict(machine=platform.platform(), cpus=os.cpu_count(), load=os.getloadavg(),
+               import_seconds=round(import_s, 2), results=rows)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / ("estimate-quick.json" if args.quick else "estimate.json")
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

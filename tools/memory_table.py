@@ -70,7 +70,8 @@ def table() -> str:
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return "\n".join([
         *lines, "",
-        ("Tensors: weights / gradients / optimizer state / activations at the peak, GiB; needs: peak plus the CUDA-context "
+        ("Tensors: weights / gradients / optimizer state / activations at the peak, GiB; needs: peak plus the "
+         "CUDA-context "
         "and allocator allowance. Cells: yes = fits as configured; otherwise the cumulative changes that make it fit "
         "(cache = cached latents and text-encoder outputs, 8-bit = AdamW8bit, ckpt = gradient checkpointing, "
         "offload = DeepSpeed ZeRO-2 CPU optimizer offload); no = does not fit even with all of them."),

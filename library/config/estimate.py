@@ -15,7 +15,7 @@ from library.errors import ConfigError
 class EstimateConfig:
     """`[estimate]`: GPUs, assumed utilisation and price for the `--dry-run` report."""
 
-    gpus: list[str] = opt([], "GPU keys of library/estimate/gpus.toml to report (e.g. ['rtx3060', 'rtx4090']); [] = all")
+    gpus: list[str] = opt([], "GPU keys of library/estimate/gpus.toml to report, e.g. ['rtx3060', 'rtx4090']; [] = all")
     utilisation: float = opt(0.35, "assumed fraction of a card's peak dense FP16/BF16 TFLOPS a training step reaches")
     price_per_hour: float = opt(0.0, "price of one GPU hour (any currency) for the cost column; 0 = no cost column")
     context_gib: float = opt(0.5, "allowance for the CUDA context, cuBLAS/cuDNN workspaces (GiB)")

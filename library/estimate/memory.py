@@ -261,7 +261,8 @@ def finish(raw, spec: EstimateSpec, label: str, seconds: float) -> Estimate:
     if spec.method == "ti":
         notes.append("TI: the whole token embedding has a gradient and optimizer state (as sd-scripts trains it)")
     return Estimate(spec=spec, label=label, peak=peak + state, weights=weights, gradients=grads, optimizer_state=state,
-                    trained_params=n_trained, flops=raw.flops * spec.gradient_accumulation_steps, cpu_bytes=cpu_bytes, seconds=seconds, notes=notes,
+                    trained_params=n_trained, flops=raw.flops * spec.gradient_accumulation_steps, cpu_bytes=cpu_bytes,
+                    seconds=seconds, notes=notes,
                     raw=raw)
 
 
