@@ -299,3 +299,14 @@ def test_deepspeed_without_offload_keeps_fp32_master_and_state_on_gpu():
     assert spec.trained_dtype() == torch.float16  # DeepSpeed trains the half-precision module
     e = finish(_measure(10**8, state=0, shapes=(((1000, 1000), 2),)), spec, "ds", 0.0)
     assert e.optimizer_state == 4 * 10**6 + 8 * 10**6 and e.peak == 10**8 + 12 * 10**6
+
+
+def test_estimate_table_checks_its_values():
+    from library.config.estimate import EstimateConfig
+    from library.errors import ConfigError
+
+    EstimateConfig().validate()
+    with pytest.raises(ConfigError, match="estimate.utilisation"):
+        EstimateConfig(utilisation=0.0).validate()
+    with pytest.raises(ConfigError, match="price_per_hour"):
+        EstimateConfig(price_per_hour=-1.0).validate()
