@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from library.config.merge import MergeRecipe
+from library.config.merge import NEEDS, TASK_MODES, MergeRecipe
 from library.errors import ConfigError, ModelFileError
 from library.fileio import atomic_path
 from library.merge import modes
@@ -49,12 +49,13 @@ def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> 
         from library.merge import lora_ops
 
         return lora_ops.run_lora_mode(cfg, recipe_text, progress=progress)
-    if m.mode in ("ties", "dare", "dare_ties"):
+    if m.mode in TASK_MODES:
         refs = [m.model_a, *m.models]
+        what = ["merge.model_a", *(f"merge.models[{i}]" for i in range(len(m.models)))]
     else:
-        refs = [m.model_a, m.model_b] + ([m.model_c] if m.mode != "weighted_sum" else [])
-    sources = open_sources(refs, ["merge.model_a", *(["merge.models"] * len(m.models))] if m.mode in (
-        "ties", "dare", "dare_ties") else ["merge.model_a", "merge.model_b", "merge.model_c"])
+        refs = [getattr(m, k) for k in NEEDS[m.mode]]
+        what = [f"merge.{k}" for k in NEEDS[m.mode]]
+    sources = open_sources(refs, what)
     try:
         family = sources[0].family
         combine, elementwise = checkpoint_combine(cfg, family)
@@ -112,7 +113,7 @@ def check_compatible(sources: Sequence[TensorSource]) -> list[str]:
 def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, Elementwise]:
     """The per-key function of the configured mode, and whether it is elementwise (may run on chunks)."""
     m = cfg.merge
-    if m.mode in ("ties", "dare", "dare_ties"):
+    if m.mode in TASK_MODES:
         weights = list(m.weights) or [1.0] * len(m.models)
 
         def task(key: str, ts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
