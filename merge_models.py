@@ -20,6 +20,8 @@ from library.cli import main_guard
 from library.config.core import dump_toml, parse_cli
 from library.config.merge import MergeRecipe
 
+CONFIG_CLASS = MergeRecipe
+
 # Names users know from sd-scripts' merge / extract scripts and the A1111 merger.
 ALIASES = {
     "model_a": "merge.model_a",
@@ -41,20 +43,17 @@ EXTRA_FLAGS = {"no_progress": "do not show the progress bar"}
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, flags = parse_cli(MergeRecipe, argv, aliases=ALIASES, prog="merge_models.py", description=__doc__,
+    cfg, flags = parse_cli(CONFIG_CLASS, argv, aliases=ALIASES, prog="merge_models.py", description=__doc__,
                            extra_flags=EXTRA_FLAGS)
     recipe = dump_toml(cfg)
     if flags.print_config:
         print(recipe, end="")
         return 0
-    if flags.dry_run:
-        print("recipe is valid; inputs are opened when merging")
-        return 0
-
     from library.merge.recipe import run_recipe
 
-    out = run_recipe(cfg, recipe, progress=not flags.extra["no_progress"])
-    print(f"wrote {out}")
+    out = run_recipe(cfg, recipe, progress=not flags.extra["no_progress"], dry_run=flags.dry_run)
+    if out is not None:
+        print(f"wrote {out}")
     return 0
 
 

@@ -39,8 +39,11 @@ Combine = Callable[[str, Sequence[torch.Tensor], "torch.Tensor | None"], torch.T
 Elementwise = bool | Literal["single_op"]
 
 
-def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
-    """Run the recipe; returns the output path. `recipe_text`: the resolved TOML, stored with the output."""
+def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry_run: bool = False) -> Path | None:
+    """Run the recipe; returns the output path. `recipe_text`: the resolved TOML, stored with the output.
+
+    dry_run: open the inputs and check them (family, keys, shapes), print what would be written, write nothing.
+    """
     m = cfg.merge
     out = Path(cfg.output.path).expanduser()
     if out.exists() and not cfg.output.overwrite:
@@ -48,6 +51,9 @@ def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> 
     if m.mode in ("lora_merge", "lora_extract", "lora_resize"):
         from library.merge import lora_ops
 
+        if dry_run:
+            print(f"recipe is valid ({m.mode}); LoRA inputs are read when it runs; would write {out}")
+            return None
         return lora_ops.run_lora_mode(cfg, recipe_text, progress=progress)
     if m.mode in TASK_MODES:
         refs = [m.model_a, *m.models]
@@ -60,6 +66,9 @@ def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> 
         family = sources[0].family
         combine, elementwise = checkpoint_combine(cfg, family)
         keys = check_compatible(sources)
+        if dry_run:
+            print(f"{len(sources)} inputs of family {family} agree on {len(keys)} tensors; {m.mode} would write {out}")
+            return None
         return write_merge(sources, keys, combine, elementwise, cfg, recipe_text, progress=progress)
     finally:
         for s in sources:
