@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from library.config.data import DataConfig
 from library.config.diffusion import LossConfig, NoiseConfig, check_prediction_compat
+from library.config.estimate import EstimateConfig
 from library.config.fields import opt
 from library.config.model import ModelConfig
 from library.config.optim import OptimizerConfig, SchedulerConfig
@@ -67,6 +68,7 @@ class RunConfig:
     save: SaveConfig = opt(SaveConfig(), "Where and how often results are saved.")
     sample: SampleConfig = opt(SampleConfig(), "Sample images during training.")
     log: LogConfig = opt(LogConfig(), "Progress and TensorBoard logging.")
+    estimate: EstimateConfig = opt(EstimateConfig(), "What --dry-run compares against: GPUs, utilisation, price.")
 
     def validate(self) -> None:
         forced = self.model.resolved_prediction_type()

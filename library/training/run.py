@@ -30,6 +30,10 @@ def run_script(root_cls: type, make_method: Callable, argv: list[str] | None, *,
     if flags.print_config:
         print(dump_toml(cfg), end="")
         return 0
+    if flags.dry_run:
+        from library.training.dry_run import dry_run
+
+        return dry_run(cfg, make_method(cfg), script=prog)
     run_training(cfg, make_method(cfg), script=prog, cache_only=flags.extra.get("cache_only", False))
     return 0
 
