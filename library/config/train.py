@@ -1,14 +1,55 @@
-"""The `[train]`, `[save]`, `[sample]` and `[log]` tables: how the shared training loop runs, saves, samples, logs."""
+"""The `[train]`, `[save]`, `[sample]` and `[log]` tables: how the shared training loop runs, saves, samples, logs.
+
+`[train.deepspeed]` (DeepSpeedConfig) turns on DeepSpeed ZeRO through accelerate; library/training/deepspeed.py builds
+the DeepSpeed config from it and from the other tables (accumulation, clipping, precision), so users never write a
+DeepSpeed JSON file.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from library.config.fields import opt
 from library.errors import ConfigError
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+Offload = Literal["none", "cpu"]
+# Keys of the generated DeepSpeed config that our own tables own; `extra` may not override them.
+DEEPSPEED_OWNED_KEYS = ("optimizer", "scheduler", "gradient_accumulation_steps", "gradient_clipping", "fp16", "bf16",
+                        "train_batch_size", "train_micro_batch_size_per_gpu")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """`[train.deepspeed]`: DeepSpeed ZeRO (optional package: pip install deepspeed), passed to accelerate."""
+
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage: 0 = DeepSpeed off, 1/2 = partition optimizer states/gradients, "
+                             "3 = also parameters.")
+    offload_optimizer: Offload = opt("none", "'cpu' keeps optimizer states in CPU memory and steps them with "
+                                             "DeepSpeed's CPU Adam (AdamW only).")
+    offload_param: Offload = opt("none", "'cpu' keeps parameters in CPU memory between uses (zero_stage = 3 only).")
+    extra: dict[str, Any] = opt({}, "More DeepSpeed config keys merged into the generated config, "
+                                    "e.g. {zero_optimization = {overlap_comm = true}}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.zero_stage > 0
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.deepspeed.zero_stage = {self.zero_stage} must be 0 (off), 1, 2 or 3")
+        if not self.enabled and (self.offload_optimizer != "none" or self.offload_param != "none" or self.extra):
+            raise ConfigError("train.deepspeed.offload_optimizer / offload_param / extra need DeepSpeed on: "
+                              "set train.deepspeed.zero_stage = 2 (or 1, 3)")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ConfigError("train.deepspeed.offload_param = 'cpu' needs train.deepspeed.zero_stage = 3")
+        for key in DEEPSPEED_OWNED_KEYS:
+            if key in self.extra:
+                raise ConfigError(
+                    f"train.deepspeed.extra.{key} is set from our own tables (optimizer, scheduler, "
+                    "train.gradient_accumulation_steps, optimizer.max_grad_norm, train.mixed_precision, data.batch_size); "
+                    f"remove it from train.deepspeed.extra")
 
 
 @dataclass
@@ -30,6 +71,7 @@ class TrainConfig:
     stop_text_encoder_training: int = opt(0, "Stop training the text encoder(s) after this step (0 = never stop).")
     resume: str = opt("", "Resume from a saved state folder, or 'auto' for the newest one under save.output_dir.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto picks CUDA when available.")
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed ZeRO (multi-GPU memory saving, CPU offload).")
 
     def validate(self) -> None:
         if self.max_train_steps < 1 and self.max_train_epochs < 1:
@@ -40,6 +82,16 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be between 0 and 1 (got {self.ema_decay})")
         if self.max_consecutive_nan_steps < 1:
             raise ConfigError("train.max_consecutive_nan_steps must be at least 1")
+        if self.deepspeed.enabled:
+            if self.train_text_encoder:
+                raise ConfigError("train.train_text_encoder = true with train.deepspeed: DeepSpeed wraps one model "
+                                  "(the UNet); set train.train_text_encoder = false or train.deepspeed.zero_stage = 0")
+            if self.resume:
+                raise ConfigError("train.resume with train.deepspeed: resuming DeepSpeed runs is not supported (its "
+                                  "optimizer state is partitioned inside the engine); remove train.resume")
+            if self.ema and self.deepspeed.zero_stage == 3:
+                raise ConfigError("train.ema = true with train.deepspeed.zero_stage = 3: ZeRO-3 partitions the "
+                                  "weights the EMA follows; use zero_stage = 2 or train.ema = false")
 
 
 @dataclass

@@ -10,6 +10,11 @@ The noise of each batch comes from a generator seeded by (seed, global batch num
 are keyed by (seed, epoch, index), and the rest (positions, optimizer, torch RNG) is saved in resume states: so a
 resumed run continues bit-identically (CPU), and N processes with batch B see the same batches and noise as one
 process with batch B and N accumulation steps.
+
+Who runs accumulation, clipping and the optimizer step is a small strategy object chosen once below: `ManualSteps`
+(this process: loss / N, no_sync, clip, step) or, with `[train.deepspeed]`, `EngineSteps` (the DeepSpeed engine does
+all of it inside accelerate's backward). Both are driven by the same loop, so the data, noise, logging, saving and
+NaN handling exist once; only the part DeepSpeed takes over differs.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import torch
 
 from library.config.optim import OptimizerConfig, SchedulerConfig
 from library.config.train import LogConfig, SampleConfig, SaveConfig, TrainConfig
-from library.errors import UserError
+from library.errors import ConfigError, UserError
 from library.models.model import SDModel
 from library.training import state as st
 from library.training.ema import EMA
 from library.training.method import Method
-from library.training.setup import configure_unet, effective_precision, make_accelerator, pick_device, weight_dtype
+from library.training.setup import (ManualSteps, configure_unet, effective_precision, make_accelerator, pick_device,
+                                    weight_dtype)
 
 
 class TrainingStopped(UserError):
@@ -83,9 +89,11 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     from library.training.optim import build_optimizer, build_scheduler
 
     cfg = s.train
+    ds = cfg.deepspeed
     device = pick_device(cfg)
     precision = effective_precision(cfg, device)
-    accelerator = make_accelerator(cfg, device, precision)
+    plugin = _deepspeed_plugin(s, data) if ds.enabled else None
+    accelerator = make_accelerator(cfg, device, precision, plugin)
     torch.manual_seed(cfg.seed)
     out_dir = Path(s.save.output_dir)
 
@@ -94,16 +102,33 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     _place(model, device, weight_dtype(precision), trained, full_bf16=cfg.full_bf16)
     configure_unet(model.unet, cfg, device)
     steps_total = total_steps(cfg, data.steps_per_epoch)
-    optimizer = build_optimizer(groups, s.optimizer)
-    lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
     modules = method.modules_to_prepare(model)
-    if accelerator.num_processes > 1:
-        wrapped = accelerator.prepare(*modules)
-        wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+    if ds.enabled:
+        from library.training import deepspeed as dsp
+
+        if len(modules) != 1:
+            raise ConfigError(f"train.deepspeed: the {method.name} method trains {len(modules)} modules, and DeepSpeed "
+                              "wraps one; set train.deepspeed.zero_stage = 0")
+        optimizer = dsp.build_optimizer(groups, ds, s.optimizer)
+        # The schedule acts on the real optimizer's groups (DeepSpeed's ZeRO optimizer steps those), and is stepped
+        # by this loop, not by accelerate, so it counts optimizer steps exactly as without DeepSpeed.
+        lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
+        engine, optimizer = accelerator.prepare(modules[0], optimizer)  # DeepSpeed needs both in one call
+        wrapped = [engine]
+        steps = dsp.EngineSteps(accelerator, engine, cfg.gradient_accumulation_steps, ds.zero_stage)
     else:
-        wrapped = modules  # no DDP wrapper; autocast is applied explicitly below
+        optimizer = build_optimizer(groups, s.optimizer)
+        lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
+        if accelerator.num_processes > 1:
+            wrapped = accelerator.prepare(*modules)
+            wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+        else:
+            wrapped = modules  # no DDP wrapper; autocast is applied explicitly below
+        optimizer = accelerator.prepare(optimizer)
     unet_call = wrapped[[m is model.unet for m in modules].index(True)] if model.unet in modules else model.unet
-    optimizer = accelerator.prepare(optimizer)
+    if not ds.enabled:
+        steps = ManualSteps(accelerator, optimizer, unet_call, trained, cfg.gradient_accumulation_steps,
+                            s.optimizer.max_grad_norm)
     ema = EMA(trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) if cfg.ema else None
 
     counters = st.Counters()
@@ -161,16 +186,14 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             added = {"text_embeds": pooled, "time_ids": time_ids.to(device, hidden.dtype)}
         masks = batch.get("masks")
         t = time.perf_counter()
-        sync = micro == cfg.gradient_accumulation_steps - 1 or accelerator.num_processes == 1
-        with nullcontext() if sync else accelerator.no_sync(unet_call):  # all-reduce once per optimizer step
+        with steps.micro(micro):
             with autocast():
                 pred = unet_call(prepared.noisy_latents, prepared.timesteps, encoder_hidden_states=hidden,
                                  added_cond_kwargs=added, return_dict=False)[0]
             loss, _ = objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
                                      weights=batch["loss_weights"].to(device))
             finite = bool(torch.isfinite(loss))
-            if finite:
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            steps.backward(loss, finite)
         timings["model"] += time.perf_counter() - t
         return loss.detach(), finite
 
@@ -188,29 +211,29 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
                 loss, finite = micro_step(batch, counters.step, micro)
                 step_losses.append(float(loss))
                 all_finite &= finite
-            if not all_finite:
-                optimizer.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            stepped = steps.step(all_finite)  # ManualSteps: clip + step; EngineSteps: DeepSpeed already stepped
+            timings["model"] += time.perf_counter() - t
+            if not stepped:
                 counters.nan_steps += 1
                 consecutive_nan += 1
-                _say(accelerator, f"step {counters.step + 1}: non-finite loss, step skipped "
+                what = "loss" if not all_finite else "gradients"
+                _say(accelerator, f"step {counters.step + 1}: non-finite {what}, step skipped "
                                   f"({consecutive_nan} in a row, {counters.nan_steps} in total)")
                 if consecutive_nan >= cfg.max_consecutive_nan_steps:
-                    _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator,
-                          with_result=False)
+                    saved = "nothing is saved (no resume states with DeepSpeed)"
+                    if steps.resumable:
+                        _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
+                              with_result=False)
+                        saved = (f"the last good state is saved under {st.state_root(out_dir)} "
+                                 "(resume with train.resume = 'auto')")
                     raise TrainingStopped(
-                        f"{consecutive_nan} non-finite losses in a row at step {counters.step + 1}; stopped, and the "
-                        f"last good state is saved under {st.state_root(out_dir)} (resume with train.resume = 'auto'). "
-                        "Usual fixes: a lower optimizer.learning_rate, train.mixed_precision = 'bf16' instead of "
-                        "'fp16', optimizer.max_grad_norm = 1.0, or a VAE that does not overflow in fp16.")
+                        f"{consecutive_nan} non-finite steps in a row at step {counters.step + 1}; stopped, and "
+                        f"{saved}. Usual fixes: a lower optimizer.learning_rate, train.mixed_precision = 'bf16' "
+                        "instead of 'fp16', optimizer.max_grad_norm = 1.0, or a VAE that does not overflow in fp16.")
                 continue
             consecutive_nan = 0
-            if s.optimizer.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trained, s.optimizer.max_grad_norm)
-            t = time.perf_counter()
-            optimizer.step()
-            timings["model"] += time.perf_counter() - t
             lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step()
             extra_logs = method.after_optimizer_step(model, counters.step)
@@ -224,21 +247,21 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             if not done and _due(counters.step, s.save.save_every_n_steps, epoch_end, counters.epoch,
                                  s.save.save_every_n_epochs):
                 t = time.perf_counter()
-                _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator,
+                _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
                       with_result=True)
                 timings["save"] += time.perf_counter() - t
             if prompts and not done and _due(counters.step, s.sample.sample_every_n_steps, epoch_end,
                                              counters.epoch, s.sample.sample_every_n_epochs):
                 t = time.perf_counter()
-                _sample(model, modules, prompts, s, out_dir, f"step{counters.step:08d}", accelerator)
+                _sample(model, modules, prompts, s, out_dir, f"step{counters.step:08d}", accelerator, steps)
                 timings["sample"] += time.perf_counter() - t
         t = time.perf_counter()
-        result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator,
+        result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
                             with_result=True, final=True)
         timings["save"] += time.perf_counter() - t
         if prompts and s.sample.sample_at_end:
             t = time.perf_counter()
-            _sample(model, modules, prompts, s, out_dir, f"final_step{counters.step:08d}", accelerator)
+            _sample(model, modules, prompts, s, out_dir, f"final_step{counters.step:08d}", accelerator, steps)
             timings["sample"] += time.perf_counter() - t
     finally:
         if bar is not None:
@@ -307,25 +330,35 @@ def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs:
         epoch_end and every_epochs > 0 and (epoch + 1) % every_epochs == 0)
 
 
-def _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, *,
+def _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps, *,
           with_result: bool, final: bool = False) -> Path | None:
     accelerator.wait_for_everyone()
-    path = None
-    if accelerator.is_main_process:
-        out_dir = Path(s.save.output_dir)
-        if with_result:
-            stem = out_dir / (s.save.output_name if final else f"{s.save.output_name}-step{counters.step:08d}")
-            meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
-            with ema.applied() if ema is not None else nullcontext():
-                path = method.save_result(model, stem, meta)
-            if not final and s.save.save_last_n > 0:
-                _prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
-        if s.save.save_state or not with_result:
-            st.save_state(out_dir, counters, method.trainable_state(model), {
-                "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
-                "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
-                "rng": st.rng_state()}, keep_last=s.save.save_last_n)
+    with steps.full_weights():  # ZeRO-3: every rank takes part in gathering the partitioned weights
+        path = None
+        if accelerator.is_main_process:
+            path = _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, steps,
+                              with_result=with_result, final=final)
     accelerator.wait_for_everyone()
+    return path
+
+
+def _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, steps, *, with_result: bool,
+               final: bool) -> Path | None:
+    """The main process writes the result and (unless DeepSpeed) the resume state."""
+    path = None
+    out_dir = Path(s.save.output_dir)
+    if with_result:
+        stem = out_dir / (s.save.output_name if final else f"{s.save.output_name}-step{counters.step:08d}")
+        meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
+        with ema.applied() if ema is not None else nullcontext():
+            path = method.save_result(model, stem, meta)
+        if not final and s.save.save_last_n > 0:
+            _prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
+    if (s.save.save_state or not with_result) and steps.resumable:
+        st.save_state(out_dir, counters, method.trainable_state(model), {
+            "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
+            "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
+            "rng": st.rng_state()}, keep_last=s.save.save_last_n)
     return path
 
 
@@ -346,7 +379,12 @@ def _sample_prompts(s: LoopSettings):
     return read_prompts(s.sample.prompts, s.sample.prompts_file, defaults)
 
 
-def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, accelerator) -> None:
+def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, accelerator, steps) -> None:
+    with steps.full_weights():  # entered on every rank (ZeRO-3 gathers collectively); only the main one samples
+        _sample_main(model, modules, prompts, s, out_dir, tag, accelerator)
+
+
+def _sample_main(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, accelerator) -> None:
     from library.training.sample import generate, save_images
 
     if not accelerator.is_main_process:
@@ -365,6 +403,23 @@ def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, a
         if s.fixed_captions and device.type != "cpu":
             for enc in model.text_encoders:
                 enc.to("cpu")
+
+
+def _deepspeed_plugin(s: LoopSettings, data: Any):
+    """accelerate's DeepSpeedPlugin from our tables (library/training/deepspeed.py); refuses what it cannot run."""
+    from library.training import deepspeed as dsp
+
+    dsp.require_deepspeed()
+    dsp.check_optimizer(s.train.deepspeed, s.optimizer)
+    if s.save.save_state:
+        raise ConfigError("save.save_state = true with train.deepspeed: resume states are not supported with "
+                          "DeepSpeed (its optimizer state is partitioned inside the engine); set save.save_state = "
+                          "false (results are still saved)")
+    dsp.single_process_env()
+    config = dsp.deepspeed_config(s.train.deepspeed, gradient_accumulation_steps=s.train.gradient_accumulation_steps,
+                                  micro_batch_size=getattr(data, "batch_size", None) or 1,
+                                  max_grad_norm=s.optimizer.max_grad_norm)
+    return dsp.make_plugin(config)
 
 
 def _writer(s: LoopSettings, out_dir: Path):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 import torch
 
@@ -41,13 +42,60 @@ def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
 
 def make_accelerator(cfg: TrainConfig, device: torch.device, precision: str, deepspeed_plugin: Any = None):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
-    return Accelerator(
-        cpu=device.type == "cpu",
+    accelerator = Accelerator(
+        # accelerate ignores a DeepSpeed plugin when cpu=True (accelerate/state.py); without CUDA it still runs on
+        # the CPU, with DeepSpeed's CPU accelerator.
+        cpu=device.type == "cpu" and deepspeed_plugin is None,
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         deepspeed_plugin=deepspeed_plugin,
     )
+    if deepspeed_plugin is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(
+            f"train.deepspeed is set but accelerate started {accelerator.distributed_type.value} instead of DeepSpeed: "
+            "launch with plain `python <script>` or `accelerate launch` without --cpu (the TOML configures DeepSpeed)")
+    return accelerator
+
+
+class ManualSteps:
+    """Optimizer steps run by the loop itself (no DeepSpeed): the default path.
+
+    Each micro-batch's loss is divided by the accumulation count (by accelerate) and back-propagated, so the gradients sum to the
+    mean over the step's batches; under DDP only the last micro-batch all-reduces (no_sync before it). A step with a
+    non-finite loss is dropped (gradients zeroed) before it touches the weights. With DeepSpeed the engine does all
+    of this itself: see library/training/deepspeed.py `EngineSteps`, the same interface, chosen in loop.train.
+    """
+
+    resumable = True
+
+    def __init__(self, accelerator, optimizer, module, params: list, accumulation: int, max_grad_norm: float):
+        self.accelerator, self.optimizer, self.module = accelerator, optimizer, module
+        self.params, self.accumulation, self.max_grad_norm = params, accumulation, max_grad_norm
+
+    @contextmanager
+    def micro(self, index: int) -> Iterator[None]:
+        sync = index == self.accumulation - 1 or self.accelerator.num_processes == 1
+        with nullcontext() if sync else self.accelerator.no_sync(self.module):  # all-reduce once per optimizer step
+            yield
+
+    def backward(self, loss: torch.Tensor, finite: bool) -> None:
+        if finite:
+            # accelerate's backward divides by its gradient_accumulation_steps (= self.accumulation, make_accelerator)
+            self.accelerator.backward(loss)
+
+    def step(self, all_finite: bool) -> bool:
+        """Clip and step when every loss was finite; returns whether the weights were updated."""
+        if all_finite:
+            if self.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return all_finite
+
+    def full_weights(self):
+        return nullcontext()
 
 
 def configure_unet(unet: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
