@@ -70,7 +70,7 @@ class HypernetworkTraining(Method):
         dropout = h.dropout_structure or parse_dropout_structure(h.layer_structure, h.use_dropout,
                                                                  h.last_layer_dropout)
         return HypernetworkSpec(tuple(h.layer_structure), h.activation_func, h.add_layer_norm, h.activate_output,
-                                tuple(float(p) for p in dropout), h.weight_init, h.use_dropout, h.last_layer_dropout)
+                                tuple(float(p) for p in dropout), h.weight_init, h.use_dropout)
 
     def _widths(self, model: SDModel) -> list[int]:
         available = attention_widths(model.unet)

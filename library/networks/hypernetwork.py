@@ -55,8 +55,8 @@ class HypernetworkSpec:
     activate_output: bool = False
     dropout_structure: tuple[float, ...] = field(default=(0.0, 0.0, 0.0))
     weight_init: str = "Normal"
-    use_dropout: bool = False
-    last_layer_dropout: bool = False
+    use_dropout: bool = False  # stored as given; dropout_structure alone decides the layers (A1111 writes
+    # last_layer_dropout as dropout_structure[-2] != 0, so it is derived, not kept)
 
     def __post_init__(self):
         if self.activation_func not in ACTIVATIONS:

@@ -115,8 +115,7 @@ def spec_from_a1111(sd: dict[Any, Any], where: str = "hypernetwork file") -> Hyp
             activate_output=bool(sd.get("activate_output", True)),  # A1111's default for files without the key
             dropout_structure=tuple(dropout),
             weight_init=sd.get("weight_initialization") or "Normal",
-            use_dropout=use_dropout or any(dropout),
-            last_layer_dropout=bool(sd.get("last_layer_dropout", False)),
+            use_dropout=use_dropout or any(dropout),  # A1111's load rule
         )
     except ModelFileError as e:
         raise ModelFileError(f"{where}: {e}") from None
