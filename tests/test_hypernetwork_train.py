@@ -108,8 +108,6 @@ def test_run_file_base_unchanged_outputs_reproduced_and_exact_resume(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="library/data/loader.py's DataLoader has no generator=, so creating its "
-                   "iterator after a resume draws from the global torch RNG that dropout uses")
 def test_resume_with_dropout_is_exact(tmp_path):
     table = {"use_dropout": True, "dropout_structure": [0, 0.3, 0]}
     _, a = train(hn_cfg(tmp_path / "a", 4, hypernetwork=table, save={"save_every_n_steps": 2}))
