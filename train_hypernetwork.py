@@ -26,6 +26,8 @@ import torch
 
 from library.cli import main_guard
 from library.config.hypernetwork import HypernetworkRunConfig
+
+CONFIG_CLASS = HypernetworkRunConfig
 from library.errors import ConfigError
 from library.models.model import SDModel
 from library.networks.hypernetwork import (HypernetworkSpec, apply_hypernetwork, attention_widths, create_hypernetwork,
@@ -113,7 +115,7 @@ def _shorthash(ref: str) -> str | None:
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    return run_script(HypernetworkRunConfig, HypernetworkTraining, argv, prog="train_hypernetwork.py",
+    return run_script(CONFIG_CLASS, HypernetworkTraining, argv, prog="train_hypernetwork.py",
                       description=__doc__)
 
 
