@@ -168,7 +168,8 @@ def _real_peaks(spec: EstimateSpec) -> tuple[int, int]:
 
     model = build_tiny(spec.family)
     extra = setup_method(model, spec)
-    resident = [model.unet, *model.text_encoders, *extra] + ([] if spec.cache_latents else [model.vae])
+    encoders = model.text_encoders if spec.trains_text_encoder() or not spec.cache_text_outputs else []
+    resident = [model.unet, *encoders, *extra] + ([] if spec.cache_latents else [model.vae])
     for root in resident:
         for p in root.parameters():
             frozen = torch.float32 if root is model.vae else spec.frozen_dtype()
