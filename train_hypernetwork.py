@@ -100,6 +100,20 @@ class HypernetworkTraining(Method):
             sd_checkpoint_name=Path(self.cfg.model.pretrained_model_name_or_path).stem, metadata=metadata)
         return save_hypernetwork(stem.parent / f"{stem.name}.pt", self.hn, info, DTYPES[self.cfg.save.save_precision])
 
+    def save_optimizer_sidecar(self, result: Path, optimizer: torch.optim.Optimizer) -> None:
+        """A1111's `<file>.pt.optim`: {"hash", "optimizer_name", "optimizer_state_dict"} (plain values and tensors).
+
+        The hash is the sha256 prefix of the saved hypernetwork file, as A1111 checks before reusing the state.
+        Exact resume uses our own state folders; this sidecar is for users continuing in A1111.
+        """
+        from library.fileio import atomic_path
+
+        digest = hashlib.sha256(result.read_bytes()).hexdigest()[:10]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        sidecar = {"hash": digest, "optimizer_name": type(inner).__name__, "optimizer_state_dict": inner.state_dict()}
+        with atomic_path(result.parent / f"{result.name}.optim") as tmp:
+            torch.save(sidecar, tmp)
+
 
 def _shorthash(ref: str) -> str | None:
     """A1111's checkpoint short hash (first 10 hex digits of the file's sha256); None for folders and tiny refs."""

@@ -1,5 +1,7 @@
 """End to end: train_hypernetwork.py on the embedded tiny models and the demo concept sets."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,9 @@ def test_run_file_base_unchanged_outputs_reproduced_and_exact_resume(tmp_path):
     assert (out / "sample" / "final_step00000004_00.png").is_file() and (out / "hn.config.toml").is_file()
 
     raw = torch.load(result.result_path, weights_only=True)  # how ComfyUI reads it
+    optim = torch.load(out / "hn.pt.optim", weights_only=True)  # A1111's optimizer sidecar
+    assert optim["hash"] == hashlib.sha256(result.result_path.read_bytes()).hexdigest()[:10]
+    assert optim["optimizer_name"] == "AdamW" and optim["optimizer_state_dict"]["state"]
     fresh = load_model(ModelConfig(pretrained_model_name_or_path="tiny:sd15"))
     assert [k for k in raw if isinstance(k, int)] == attention_widths(fresh.unet)
     assert (raw["step"], raw["name"], raw["activation_func"], raw["is_layer_norm"]) == (4, "hn", "relu", True)

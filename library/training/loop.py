@@ -352,6 +352,7 @@ def _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, s
         meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
         with ema.applied() if ema is not None else nullcontext():
             path = method.save_result(model, stem, meta)
+        method.save_optimizer_sidecar(path, optimizer)
         if not final and s.save.save_last_n > 0:
             _prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
     if (s.save.save_state or not with_result) and steps.resumable:
@@ -368,6 +369,8 @@ def _prune_results(out_dir: Path, name: str, suffix: str, keep: int) -> None:
     old = sorted(out_dir.glob(f"{name}-step*{suffix}"))
     for p in old[:-keep]:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for sidecar in out_dir.glob(f"{p.name}.*"):  # e.g. A1111's `.pt.optim`
+            sidecar.unlink()
 
 
 def _sample_prompts(s: LoopSettings):

@@ -63,6 +63,9 @@ class Method(abc.ABC):
     def load_trainable_state(self, model: SDModel, state: dict[str, torch.Tensor]) -> None:
         """Put tensors written by trainable_state back (resume)."""
 
+    def save_optimizer_sidecar(self, result: Path, optimizer: torch.optim.Optimizer) -> None:
+        """Write optimizer state next to a saved result, for formats whose tools expect one (A1111's `.optim`)."""
+
     @abc.abstractmethod
     def save_result(self, model: SDModel, stem: Path, metadata: dict[str, str]) -> Path:
         """Write the artefact users load (checkpoint, LoRA, embedding, ...) at `stem` + the right suffix."""
