@@ -119,9 +119,10 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     else:
         optimizer = build_optimizer(groups, s.optimizer)
         lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
-        if accelerator.num_processes > 1:
-            wrapped = accelerator.prepare(*modules)
-            wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+        if accelerator.num_processes > 1 and model.unet in modules:
+            # Only the UNet is wrapped in DDP: the text encoders are called through library.models.text, which
+            # needs the bare modules, so their trained gradients are averaged by hand (_average_gradients).
+            wrapped = [accelerator.prepare(m) if m is model.unet else m for m in modules]
         else:
             wrapped = modules  # no DDP wrapper; autocast is applied explicitly below
         optimizer = accelerator.prepare(optimizer)
@@ -129,6 +130,8 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     if not ds.enabled:
         steps = ManualSteps(accelerator, optimizer, unet_call, trained, cfg.gradient_accumulation_steps,
                             s.optimizer.max_grad_norm)
+    unet_ids = {id(p) for p in model.unet.parameters()} if unet_call is not model.unet else set()
+    unwrapped_trained = [p for p in trained if id(p) not in unet_ids]  # not all-reduced by DDP
     ema = EMA(trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) if cfg.ema else None
 
     counters = st.Counters()
@@ -212,6 +215,8 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
                 step_losses.append(float(loss))
                 all_finite &= finite
             t = time.perf_counter()
+            if accelerator.num_processes > 1 and not ds.enabled:
+                _average_gradients(unwrapped_trained)
             stepped = steps.step(all_finite)  # ManualSteps: clip + step; EngineSteps: DeepSpeed already stepped
             timings["model"] += time.perf_counter() - t
             if not stepped:
@@ -285,6 +290,22 @@ def _cache_all_captions(captions: list[str], method: Method, model: SDModel, tex
     if device.type != "cpu":
         for enc in model.text_encoders:
             enc.to("cpu")
+
+
+def _average_gradients(params: list) -> None:
+    """Mean of each gradient over the processes, for trained parameters outside the DDP-wrapped UNet."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _place(model: SDModel, device: torch.device, dtype: torch.dtype, trained: list, full_bf16: bool) -> None:
