@@ -1,4 +1,7 @@
-"""`accelerate launch` data parallel: 2 CPU processes (gloo) match 1 process with the same global batch.
+"""Data parallel: 2 CPU processes (gloo) match 1 process with the same global batch.
+
+Launched with torchrun (`python -m torch.distributed.run`), which sets RANK / WORLD_SIZE; accelerate then runs
+MULTI_CPU. (`accelerate launch --cpu --num_processes 2` starts ONE process: accelerate treats --cpu as single-device.)
 
 Two processes with batch B run global batches {rank 0's batch, rank 1's batch}; one process with batch B and 2
 accumulation steps runs the same two batches in one optimizer step. Batch noise is seeded by the global batch number
@@ -56,8 +59,7 @@ def run(args: list[str]) -> None:
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(config(tmp_path / "out"))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     run([*launch, "train_lora.py", "--config", str(cfg), "--output_dir", str(tmp_path / "two")])
     run([sys.executable, "train_lora.py", "--config", str(cfg), "--output_dir", str(tmp_path / "one"),
          "--train.gradient_accumulation_steps=2"])
