@@ -453,44 +453,15 @@ def _default_cache_root() -> Path:
 
 
 def run_paired(cfg, class_data, method, *, script: str):
-    """`library.training.run.run_training` with the data wrapped in `PairedData` (run_training builds its data from
-    cfg.data itself and takes no other; this mirrors its steps around the one loop)."""
-    import os
-
-    import torch
-
-    from library.config.core import config_hash, dump_toml, save_resolved_config
-    from library.config.diffusion import check_prediction_compat
+    """`library.training.run.run_training` with the data wrapped in `PairedData` (instance half + class half)."""
     from library.data.loader import build_train_data
-    from library.diffusion.objective import Objective
     from library.models.families import FAMILIES
-    from library.models.load import load_model
-    from library.training.loop import LoopSettings, train
+    from library.training.run import run_training
 
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model)
-    check_prediction_compat(cfg.noise, model.prediction_type, cfg.loss)
-    native = FAMILIES[model.family].resolution
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    parts = [build_train_data(d, default_resolution=native, seed=cfg.train.seed + k, rank=rank, world_size=world,
-                              vae=model.vae if d.cache_latents else None, family=model.family)
-             for k, d in enumerate((cfg.data, class_data))]
-    data = PairedData(*parts, cfg.dreambooth.prior_loss_weight)
-    res = cfg.data.resolution
-    resolution = (max(res) if isinstance(res, list) else int(res)) or native
-    objective = Objective(cfg.noise, cfg.loss, model.prediction_type, scheduler_config=model.scheduler_config,
-                          native_resolution=native)
-    if rank == 0:
-        save_resolved_config(cfg, Path(cfg.save.output_dir), cfg.save.output_name)
-    metadata = {"sdtk_script": script, "sdtk_config_hash": config_hash(cfg), "sdtk_config": dump_toml(cfg, comments=False),
-                "sdtk_base_model": cfg.model.pretrained_model_name_or_path, "sdtk_family": model.family,
-                "sdtk_prediction_type": model.prediction_type}
-    summary = data.summary()
-    method.bind_data({"tag_frequency": data.tag_frequency(), "datasets": summary["datasets"],
-                      "num_train_images": sum(d["num_train_images"] for d in summary["datasets"]),
-                      "resolution": resolution})
-    settings = LoopSettings(train=cfg.train, optimizer=cfg.optimizer, scheduler=cfg.scheduler, save=cfg.save,
-                            sample=cfg.sample, log=cfg.log, clip_skip=cfg.model.clip_skip, resolution=resolution,
-                            metadata=metadata,
-                            fixed_captions=data.fixed_captions() if cfg.data.cache_text_encoder_outputs else None)
-    return train(model, method, data, objective, settings)
+    def pair(data, model, rank: int, world: int):
+        classes = build_train_data(class_data, default_resolution=FAMILIES[model.family].resolution,
+                                   seed=cfg.train.seed + 1, rank=rank, world_size=world,
+                                   vae=model.vae if class_data.cache_latents else None, family=model.family)
+        return PairedData(data, classes, cfg.dreambooth.prior_loss_weight)
+
+    return run_training(cfg, method, script=script, wrap_data=pair)

@@ -38,8 +38,11 @@ def run_script(root_cls: type, make_method: Callable, argv: list[str] | None, *,
     return 0
 
 
-def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = False):
-    """Load the model and data named by `cfg`, train with `method`, save; returns the loop's TrainResult."""
+def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = False, wrap_data: Callable | None = None):
+    """Load the model and data named by `cfg`, train with `method`, save; returns the loop's TrainResult.
+
+    wrap_data(data, model, rank, world_size) -> data: replaces the built data (DreamBooth's paired batches).
+    """
     import torch
 
     from library.config.diffusion import check_prediction_compat
@@ -60,6 +63,8 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
     if cache_only:
         print(f"latent cache ready for {data.num_images} images", file=sys.stderr)
         return None
+    if wrap_data is not None:
+        data = wrap_data(data, model, rank, world)
     resolution = _side(cfg.data.resolution) or native
     objective = Objective(cfg.noise, cfg.loss, model.prediction_type, scheduler_config=model.scheduler_config,
                           native_resolution=native)
