@@ -29,9 +29,10 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--write", default="", help="also write the rows as JSON to this file")
+    ap.add_argument("--only", default="", help="check only presets whose file name contains this, e.g. sdxl")
     args = ap.parse_args()
     rows, ok = [], True
-    for path in sorted((REPO / "configs").glob("*gb_lora.toml")):
+    for path in sorted((REPO / "configs").glob(f"*{args.only}*gb_lora.toml")):
         m = re.match(r"(sd15|sdxl)_(\d+)gb_lora", path.stem)
         family, card_gb = ("sd1" if m.group(1) == "sd15" else "sdxl"), int(m.group(2))
         cfg = load_config(CONFIG_CLASS, path)
