@@ -159,19 +159,24 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     bar = _progress(s, accelerator, counters.step, steps_total)
     wall0 = time.perf_counter()
 
+    def encode(captions: list[str]):
+        return encode_text(model, [t.to(device) for t in tokenize(model, captions)], clip_skip=s.clip_skip)
+
     def text_cond(captions: list[str], step: int):
         if method.trains_text_encoder(step):
-            c = encode_text(model, [t.to(device) for t in tokenize(model, captions)], clip_skip=s.clip_skip)
+            with autocast():
+                c = encode(captions)
             return c.hidden, c.pooled
         missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+        if len(text_cache) + len(missing) > 50_000:  # bounded: shuffled / dropped captions rarely repeat
+            with torch.no_grad(), autocast():
+                c = encode(captions)
+            return c.hidden, c.pooled
         if missing:
             with torch.no_grad(), autocast():
-                c = encode_text(model, [t.to(device) for t in tokenize(model, missing)], clip_skip=s.clip_skip)
+                c = encode(missing)
             for i, cap in enumerate(missing):
-                if len(text_cache) < 50_000:  # bounded: shuffled/dropped captions rarely repeat
-                    text_cache[cap] = (c.hidden[i], None if c.pooled is None else c.pooled[i])
-                else:
-                    return c.hidden, c.pooled  # cache full; encode live (all captions of this batch)
+                text_cache[cap] = (c.hidden[i], None if c.pooled is None else c.pooled[i])
         hidden = torch.stack([text_cache[c][0] for c in captions])
         pooled = None if text_cache[captions[0]][1] is None else torch.stack([text_cache[c][1] for c in captions])
         return hidden, pooled
