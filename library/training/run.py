@@ -17,7 +17,7 @@ from library.config.core import config_hash, dump_toml, save_resolved_config
 from library.config.run import SD_SCRIPTS_ALIASES, RunConfig
 
 EXTRA_FLAGS = {
-    "cache_only": "Build the latent cache (data.cache_latents) and exit without training.",
+    "cache_only": "Build the on-disk latent cache (data.cache_latents and cache_latents_to_disk) and exit.",
 }
 
 
@@ -58,11 +58,14 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
     check_prediction_compat(cfg.noise, model.prediction_type, cfg.loss)
     native = FAMILIES[model.family].resolution
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cache_only:  # an on-disk cache for later runs; ConfigError unless data.cache_latents(_to_disk) are on
+        from library.data.loader import build_latent_cache
+
+        count = build_latent_cache(cfg.data, model.vae, default_resolution=native)
+        print(f"latent cache ready for {count} images", file=sys.stderr)
+        return None
     data = build_train_data(cfg.data, default_resolution=native, seed=cfg.train.seed, rank=rank, world_size=world,
                             vae=model.vae if cfg.data.cache_latents else None, family=model.family)
-    if cache_only:
-        print(f"latent cache ready for {data.num_images} images", file=sys.stderr)
-        return None
     if wrap_data is not None:
         data = wrap_data(data, model, rank, world)
     resolution = _side(cfg.data.resolution) or native
