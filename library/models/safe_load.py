@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -123,8 +124,9 @@ def _check_entry(path: Path, key: str, entry: Any, data_bytes: int) -> tuple[int
     return tuple(shape)
 
 
-def load_pickle_weights(path: Path) -> dict[str, Any]:
-    """Tensors of a pickled checkpoint through torch's weights-only unpickler; anything else is refused."""
+def read_pickle_dict(path: Path, what: str = "PyTorch checkpoint") -> dict[Any, Any]:
+    """A pickled dict through torch's weights-only unpickler (tensors and plain values only); anything else is
+    refused with a ModelFileError naming the file. Shared by checkpoints, embeddings and hypernetworks."""
     import torch
 
     try:
@@ -132,20 +134,33 @@ def load_pickle_weights(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         # weights_only refuses any global outside torch's allow-list *before* calling it, so nothing ran.
         text = str(e)
-        if "Unsupported global" not in text:  # a bad opcode: corrupt data or not a pickle at all
-            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a pickle)") from e
+        if "Unsupported global" not in text:
+            with open(path, "rb") as fh:
+                is_pickle = fh.read(2)[:1] == b"\x80" or zipfile.is_zipfile(path)  # PROTO opcode / torch zip
+            if not is_pickle:  # a bad first opcode: not a pickle at all
+                raise ModelFileError(f"{path}: not a readable {what} (not a pickle or zip checkpoint)") from e
+            raise ModelFileError(f"{path}: refused to load: not a plain {what} (the pickle holds more than "
+                                 "tensors and plain values; nothing from it was run)") from e
         named = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
         raise ModelFileError(
             f"{path}: refused to load: the pickle asks to call code, not just store tensors "
             f"({named.split(' was ')[0].removeprefix('WeightsUnpickler error: ')}); nothing from it was run. "
-            "Only load checkpoints you trust: get a .safetensors release, or convert a trusted one with another tool"
+            "Only load files you trust: get a .safetensors release, or convert a trusted one with another tool"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        raise ModelFileError(f"{path}: not a readable {what} ({e})") from e
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a {what} dict")
+    return obj
+
+
+def load_pickle_weights(path: Path) -> dict[str, Any]:
+    """Tensors of a pickled checkpoint through torch's weights-only unpickler; anything else is refused."""
+    import torch
+
+    obj = read_pickle_dict(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning / LDM checkpoints wrap the weights
-    if not isinstance(obj, dict):
-        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise ModelFileError(f"{path}: holds no tensors")

@@ -14,7 +14,6 @@ plain values only (read back with `torch.load(weights_only=True)`). A1111 refuse
 
 from __future__ import annotations
 
-import pickle
 import random
 import re
 from pathlib import Path
@@ -258,16 +257,9 @@ def read_embedding_file(path: str | Path) -> dict[str, Any]:
     if path.suffix.lower() not in PICKLE_SUFFIXES:
         f = open_tensor_file(path)  # checks the safetensors header; other suffixes get a clear error
         return {k: f[k] for k in f}
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ModelFileError(f"{path}: refused to load: the pickle holds more than tensors and plain values "
-                             f"(nothing from it was run): {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: not a readable embedding file ({e})") from e
-    if not isinstance(obj, dict):
-        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not an embedding dict")
-    return obj
+    from library.models.safe_load import read_pickle_dict
+
+    return read_pickle_dict(path, "embedding file")
 
 
 def embedding_vectors(data: Mapping[str, Any], family: str, widths: list[int], source: str) -> list[torch.Tensor]:

@@ -19,7 +19,6 @@ Missing metadata gets A1111's load defaults (layer_structure [1, 2, 1], activati
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,16 +86,9 @@ def read_weights_only(path: Path) -> dict[Any, Any]:
     """torch.load(weights_only=True): a pickle that asks to run code is refused before anything runs."""
     if not path.is_file():
         raise ModelFileError(f"hypernetwork file {path} does not exist")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ModelFileError(f"{path}: refused to load: not a plain hypernetwork file (the pickle holds something "
-                             f"other than tensors and plain values; nothing from it was run): {str(e)[:200]}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: not a readable PyTorch .pt file ({e})") from e
-    if not isinstance(obj, dict):
-        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not an A1111 hypernetwork dict")
-    return obj
+    from library.models.safe_load import read_pickle_dict
+
+    return read_pickle_dict(path, "A1111 hypernetwork file")
 
 
 def spec_from_a1111(sd: dict[Any, Any], where: str = "hypernetwork file") -> HypernetworkSpec:
