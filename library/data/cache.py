@@ -95,7 +95,7 @@ class _EncodeInputs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.requests[i]
         try:
-            pixels, mask = prepare_image(load_image(r.path), r.resized, r.bucket, r.crop, False, r.mask)
+            pixels, mask = prepare_image(load_image(r.path, r.resized), r.resized, r.bucket, r.crop, False, r.mask)
         except BadImage as e:
             return {"i": i, "error": str(e)}
         return {"i": i, "pixels": pixels, "mask": mask}

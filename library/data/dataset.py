@@ -12,6 +12,7 @@ Image sizes come from file headers only. A file that cannot be used is skipped a
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import tomllib
@@ -288,25 +289,44 @@ def _read_caption(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _list_files(root: Path) -> list[str]:
+    """Names of the folder's regular files (not hidden), sorted: one directory read, no stat per file (the
+    directory entry's type says file or folder), so 100k-image folders list in well under a second."""
+    with os.scandir(root) as it:
+        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+
+
+def _read_headers(paths: list[Path]) -> list[ImageHeader | BadImage]:
+    """Headers in order. Header reads are I/O bound on network disks, so they overlap in threads; each task reads a
+    chunk of files (one future per file cost more than the reads themselves on 100k local files)."""
+    chunk = 256
+    if len(paths) <= chunk:
+        return [_try_header(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parts = pool.map(lambda i: [_try_header(p) for p in paths[i:i + chunk]], range(0, len(paths), chunk))
+        return [h for part in parts for h in part]
+
+
 def _scan_folder(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[ImageItem]:
     root = Path(s.image_dir)
     if not root.is_dir():
         raise DataError(f"image folder {root} not found (subset '{s.name}')")
-    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = _list_files(root)
+    files = [root / n for n in names]
     paths = [p for p in files if is_image_file(p)]
     sidecars = SIDECAR_EXTENSIONS | {s.caption_extension.lower()}
     index.skipped.extend((p, f"not a supported image type ({p.suffix or 'no extension'})") for p in files
                          if not is_image_file(p) and p.suffix.lower() not in sidecars)
-    with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound (network disks): overlap them
-        headers = list(pool.map(_try_header, paths))
+    headers = _read_headers(paths)
+    present = set(names)  # caption lookups against the listing, not one stat per image
     items = []
     for path, header in zip(paths, headers):
         if isinstance(header, BadImage):
             index.skipped.append((path, str(header)))
             continue
-        cap = path.with_name(path.stem + s.caption_extension)
-        if cap.is_file():
-            captions = _read_caption(cap)
+        cap = path.stem + s.caption_extension
+        if cap in present:
+            captions = _read_caption(root / cap)
         else:
             index.missing_captions.append(path)
             captions = [s.class_tokens] if s.class_tokens else []

@@ -39,42 +39,44 @@ def read_header(path: Path) -> ImageHeader:
     """Size, EXIF orientation and alpha from the file header only (no pixel decode), plus a tail check that catches
     truncated PNG / JPEG / WebP files cheaply. Raises BadImage with the reason."""
     try:
-        st = os.stat(path)
+        f = open(path, "rb")
     except OSError as e:
         raise BadImage(f"cannot read ({e.strerror})") from None
-    if st.st_size == 0:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            fmt = img.format
-            # PIL's PNG getexif() decodes the whole image when the eXIf chunk is not before the pixels; only look
-            # when the header already carried it (JPEG APP1 / WebP EXIF chunks are header data).
-            has_exif = fmt in ("JPEG", "WEBP", "MPO") or (fmt == "PNG" and "exif" in img.info)
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
-            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise BadImage(f"not a readable image ({type(e).__name__})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"truncated or corrupt ({e})") from None
-    if w < 1 or h < 1:
-        raise BadImage(f"invalid size {w}x{h}")
-    _check_tail(path, fmt, st.st_size)
+    with f:  # one open for the header and the tail check (100k-image folders: syscalls add up)
+        st = os.fstat(f.fileno())
+        if st.st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        try:
+            with Image.open(f) as img:
+                w, h = img.size
+                fmt = img.format
+                # PIL's PNG getexif() decodes the whole image when the eXIf chunk is not before the pixels; only
+                # look when the header already carried it (JPEG APP1 / WebP EXIF chunks are header data).
+                has_exif = fmt in ("JPEG", "WEBP", "MPO") or (fmt == "PNG" and "exif" in img.info)
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
+                has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+            raise BadImage(f"not a readable image ({type(e).__name__})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"truncated or corrupt ({e})") from None
+        if w < 1 or h < 1:
+            raise BadImage(f"invalid size {w}x{h}")
+        _check_tail(f, path, fmt, st.st_size)
     if orientation in _ROTATED:
         w, h = h, w
     return ImageHeader((w, h), st.st_mtime_ns, st.st_size, has_alpha)
 
 
-def _check_tail(path: Path, fmt: str | None, size: int) -> None:
-    with open(path, "rb") as f:
-        if fmt == "WEBP":
-            head = f.read(8)
-            riff = int.from_bytes(head[4:8], "little") + 8
-            if size < riff:
-                raise BadImage(f"truncated (RIFF says {riff} bytes, file has {size})")
-            return
-        f.seek(max(0, size - 4096))
-        tail = f.read()
+def _check_tail(f, path: Path, fmt: str | None, size: int) -> None:
+    if fmt == "WEBP":
+        f.seek(0)
+        head = f.read(8)
+        riff = int.from_bytes(head[4:8], "little") + 8
+        if size < riff:
+            raise BadImage(f"truncated (RIFF says {riff} bytes, file has {size})")
+        return
+    f.seek(max(0, size - 4096))
+    tail = f.read()
     missing = ("PNG end chunk" if fmt == "PNG" and b"IEND" not in tail[-32:]
                else "JPEG end marker" if fmt == "JPEG" and b"\xff\xd9" not in tail else "")
     if missing:
@@ -86,21 +88,39 @@ def _check_tail(path: Path, fmt: str | None, size: int) -> None:
             raise BadImage(f"truncated (no {missing}; {e})") from None
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode fully, apply the EXIF orientation; RGBA when the image has alpha, else RGB. Raises BadImage."""
+def load_image(path: Path, fit: Size | None = None) -> Image.Image:
+    """Decode fully, apply the EXIF orientation; RGBA when the image has alpha, else RGB. Raises BadImage.
+
+    `fit` (width, height as displayed): the size the caller resizes to. A JPEG much larger than that is decoded at a
+    reduced DCT scale (1/2, 1/4 or 1/8) that still leaves at least twice `fit` for the Lanczos resize, the
+    `reducing_gap = 2` rule of Pillow's `Image.thumbnail`; a 12000 px photo then never exists at full size in memory.
+    Other formats decode at full size (PIL's decompression-bomb limit refuses more than 2 x 89.5 MP); no extra
+    full-size copies are made (no transpose without an EXIF rotation, no convert to the mode it already has).
+    """
     try:
         with Image.open(path) as img:
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1) if img.format in ("JPEG", "MPO", "WEBP", "PNG") and (
+                img.format != "PNG" or "exif" in img.info) else 1
+            if fit is not None and img.format in ("JPEG", "MPO"):
+                w, h = fit if orientation not in _ROTATED else (fit[1], fit[0])  # draft works in stored orientation
+                img.draft(img.mode if img.mode in ("RGB", "L") else None, (2 * w, 2 * h))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale -> 8 bits
-                arr = np.asarray(img, dtype=np.float64)
+                arr = np.asarray(img, dtype=np.float32)  # exact for 16-bit values
                 if img.mode == "F":
                     scale = 255.0 if arr.max() <= 1.0 else 1.0  # float images are usually in [0, 1]
                 else:
                     scale = 1 / 257 if arr.max() > 255 else 1.0  # 16-bit range 0..65535 -> 0..255
                 img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
             has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-            return img.convert("RGBA" if has_alpha else "RGB")
+            mode = "RGBA" if has_alpha else "RGB"
+            if img.mode != mode:
+                return img.convert(mode)
+            if getattr(img, "fp", None) is not None:  # still the opened file's image: detach from the file that `with` closes
+                img = img.copy()
+            return img
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
     except (OSError, SyntaxError, ValueError) as e:

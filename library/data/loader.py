@@ -63,7 +63,7 @@ class SampleDataset(torch.utils.data.Dataset):
         else:
             crop = bk.crop_offset(pl.resized, pl.bucket, rng if s.random_crop else None)
             try:
-                img = load_image(it.path)
+                img = load_image(it.path, pl.resized)
             except BadImage as err:
                 raise DataError(f"{it.path}: {err} (the file changed or is damaged; fix or remove it)") from None
             sample["pixels"], sample["mask"] = prepare_image(img, pl.resized, pl.bucket, crop, flip, s.alpha_mask)
