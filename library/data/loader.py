@@ -42,14 +42,53 @@ class SampleDataset(torch.utils.data.Dataset):
                  store: LatentStore | None, prior_loss_weight: float):
         self.index, self.entries, self.options, self.seed = index, entries, options, seed
         self.store, self.prior_loss_weight = store, prior_loss_weight
+        self._groups: dict | None = None  # (dataset, bucket) -> items, built on the first damaged file
+        self._bad: set[int] = set()  # items already reported as undecodable (per process)
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _decode(self, ii: int):
+        """(item, image) for item `ii`; if its file no longer decodes (its header was fine at indexing, but the
+        pixels are damaged, or it changed since), the next item of the same bucket that decodes takes its place, so
+        hours of training are not lost to one file. Deterministic (the same file fails the same way on resume);
+        each bad file is named once per process on stderr. DataError only when no image of the bucket decodes."""
+        try:
+            return ii, load_image(self.index.items[ii].path, self.index.items[ii].placement.resized)
+        except BadImage as err:
+            first = (ii, str(err))
+        if self._groups is None:
+            self._groups = defaultdict(list)
+            for j, it in enumerate(self.index.items):
+                self._groups[(it.dataset, it.placement.bucket)].append(j)
+        it = self.index.items[ii]
+        group = self._groups[(it.dataset, it.placement.bucket)]
+        start = group.index(ii)
+        for j in group[start + 1:] + group[:start]:
+            if j in self._bad:
+                continue
+            try:
+                img = load_image(self.index.items[j].path, self.index.items[j].placement.resized)
+            except BadImage as err:
+                self._report(j, str(err))
+                continue
+            self._report(*first, instead=self.index.items[j].path)
+            return j, img
+        self._report(*first)
+        raise DataError(f"{it.path}: {first[1]}, and no other image of its bucket {it.placement.bucket} decodes; "
+                        "fix or remove the damaged files")
+
+    def _report(self, ii: int, why: str, instead: Path | None = None) -> None:
+        if ii not in self._bad:
+            self._bad.add(ii)
+            stand_in = f"; {instead.name} of the same bucket stands in for it" if instead is not None else ""
+            print(f"warning: skipped {self.index.items[ii].path} while training: {why}{stand_in} "
+                  "(fix or remove the file)", file=sys.stderr)
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, e = key
-        ii = self.entries[e]
-        it = self.index.items[ii]
+        ii, img = (self.entries[e], None) if self.store is not None else self._decode(self.entries[e])
+        it = self.index.items[ii]  # a stand-in for a damaged file brings its own caption, size and subset
         s = self.index.subsets[it.subset]
         rng = random.Random(f"sample:{self.seed}:{epoch}:{e}")  # draw order: line, caption, flip, crop
         caption = transform_caption(pick_caption_line(it.captions, rng), self.options[it.subset], rng, epoch,
@@ -62,10 +101,6 @@ class SampleDataset(torch.utils.data.Dataset):
             sample["latents"], sample["mask"] = self.store.get(ii, flip)
         else:
             crop = bk.crop_offset(pl.resized, pl.bucket, rng if s.random_crop else None)
-            try:
-                img = load_image(it.path, pl.resized)
-            except BadImage as err:
-                raise DataError(f"{it.path}: {err} (the file changed or is damaged; fix or remove it)") from None
             sample["pixels"], sample["mask"] = prepare_image(img, pl.resized, pl.bucket, crop, flip, s.alpha_mask)
         left = pl.resized[0] - pl.bucket[0] - crop[0] if flip else crop[0]
         w, h = it.header.size
