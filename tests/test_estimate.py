@@ -8,6 +8,7 @@ import ctypes
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +314,86 @@ def test_estimate_table_checks_its_values():
         EstimateConfig(utilisation=0.0).validate()
     with pytest.raises(ConfigError, match="price_per_hour"):
         EstimateConfig(price_per_hour=-1.0).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What makes the estimate fast and GPU-like: FLOPs counted in the memory dispatch, the CUDA autocast policy, cached
+# encoders derived from the measured phases, the README table generator.
+
+
+def test_flops_counted_in_dispatch_equal_flop_counter_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from library.estimate.flops import flop_formulas
+
+    def step():
+        conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        lin = torch.nn.Linear(8, 16)
+        x = torch.randn(2, 4, 8, 8)
+        h = conv(x).flatten(2).transpose(1, 2)  # (2, 64, 8)
+        q = lin(h).view(2, 64, 2, 8).transpose(1, 2)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+    with FakeTensorMode():
+        with flop_counter() as counter:
+            step()
+        live = LiveBytes(flop_formulas())
+        live.count_flops = True
+        with live:
+            step()
+    assert counter.get_total_flops() > 0 and live.flops == counter.get_total_flops()
+
+
+def test_cuda_autocast_policy_runs_norms_in_fp32():
+    from library.estimate.step import _CudaLikeAutocast
+
+    x = torch.randn(2, 16, 4, 4, dtype=torch.bfloat16)
+    w = torch.randn(8, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast keeps the norms in the input dtype
+        assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16
+    autocast = _CudaLikeAutocast(torch.bfloat16)
+    for _ in range(2):  # re-enterable
+        with autocast:
+            assert torch.nn.functional.group_norm(x, 4).dtype == torch.float32
+            assert torch.nn.functional.layer_norm(x, (4,)).dtype == torch.float32
+            assert torch.softmax(x, -1).dtype == torch.float32
+            assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16  # low-precision list unchanged
+            assert torch.nn.functional.silu(x).dtype == torch.bfloat16  # on neither list: input dtype
+    assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16  # nothing left behind
+
+
+def test_cached_encoders_derived_from_phases_equal_measured(tiny_sd1_configs):
+    # UNet-only LoRA: frozen text encoder and VAE, both run live; caching them is derived, then measured to compare.
+    spec = EstimateSpec(family="sd1", config_dir=tiny_sd1_configs, method="lora", resolution=(64, 64),
+                        mixed_precision="bf16", network=NetworkConfig(network_dim=4, train_unet_only=True))
+    live = estimate_step(spec)
+    assert live.raw.phases.vae_bytes > 0 and live.raw.phases.text_bytes > 0
+    cached = replace(spec, cache_latents=True, cache_text_outputs=True)
+    derived = rederive(live, cached, "cached")
+    measured = estimate_step(cached)
+    assert derived.weights == measured.weights == live.weights - live.raw.phases.vae_bytes - live.raw.phases.text_bytes
+    assert derived.flops == measured.flops < live.flops and derived.gradients == measured.gradients
+    # The cached conditioning is made in the autocast dtype, the live one comes out of an fp32 final norm.
+    assert abs(derived.peak - measured.peak) <= 77 * 48 * 4
+    assert rederive(measured, spec, "uncached") is None  # an encoder coming back was never measured
+
+
+def test_memory_table_generator_and_block(tiny_sd1_configs):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import memory_table
+
+    spec = EstimateSpec(family="sd1", config_dir=tiny_sd1_configs, method="full", resolution=(64, 64),
+                        mixed_precision="no")
+    estimate = estimate_step(spec)
+    # Card sizes straddling the tiny model's need: too small even with every change, and as configured.
+    needed = needed_bytes(estimate.peak) / GIB
+    text = memory_table.table([("tiny full", spec)], sizes_gb=(0.001, round(needed + 0.01, 2)), log=None)
+    header, rule, row, blank, legend = text.splitlines()
+    assert header.startswith("| preset | tensors (W / G / O / A) | needs |") and rule == "|---|---|---|---|---|"
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "tiny full" and cells[2] == f"{needed:.1f} GiB" and cells[3:] == ["no", "yes"]
+    assert legend.startswith("Tensors:")
+    doc = f"intro\n{memory_table.START}\nold\n{memory_table.END}\noutro\n"
+    assert memory_table.replace_block(doc, "new") == f"intro\n{memory_table.START}\nnew\n{memory_table.END}\noutro\n"
+    with pytest.raises(ValueError, match="memory-table:start"):
+        memory_table.replace_block("no markers", "new")

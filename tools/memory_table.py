@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 START, END = "<!-- memory-table:start (tools/memory_table.py) -->", "<!-- memory-table:end -->"
 SIZES_GB = (8, 12, 16, 24)
 SHORT = {"cached latents/text": "cache", "8-bit optimizer": "8-bit", "gradient checkpointing": "ckpt",
-         "DeepSpeed ZeRO-2 CPU offload": "offload"}
+         "DeepSpeed ZeRO-2 CPU offload": "offload", "half batch x2 accumulation": "half batch"}
 
 
 def presets():
@@ -47,16 +47,17 @@ def _short(label: str) -> str:
     return " + ".join(parts)
 
 
-def table() -> str:
+def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
+    """The markdown table (and its legend) for `entries`, (name, EstimateSpec) pairs; default: `presets()`."""
     from library.estimate.gpus import GPU, needed_bytes
     from library.estimate.memory import estimate_step
     from library.estimate.report import ladder
 
     cards = [GPU(key=f"{gb}gb", name=f"{gb} GB", memory_gib=gb, tensor_tflops=1.0, fp32_tflops=0.5, source="size")
-             for gb in SIZES_GB]
-    header = "| preset | tensors (W / G / O / A) | needs | " + " | ".join(f"{gb} GB" for gb in SIZES_GB) + " |"
-    lines = [header, "|" + "---|" * (3 + len(SIZES_GB))]
-    for name, spec in presets():
+             for gb in sizes_gb]
+    header = "| preset | tensors (W / G / O / A) | needs | " + " | ".join(f"{gb} GB" for gb in sizes_gb) + " |"
+    lines = [header, "|" + "---|" * (3 + len(sizes_gb))]
+    for name, spec in entries if entries is not None else presets():
         t0 = time.perf_counter()
         estimates = ladder(estimate_step(spec, "as configured"), cards)
         base = estimates[0]
@@ -65,17 +66,27 @@ def table() -> str:
         cells = []
         for card in cards:
             chosen = next((e for e in estimates if needed_bytes(e.peak) <= card.memory_gib * 2**30), None)
-            cells.append("no" if chosen is None else "yes" if chosen is base else _short(chosen.label))
+            cells.append("no" if chosen is None else "yes" if chosen is base else
+                         f"{_short(chosen.label)} ({needed_bytes(chosen.peak) / 2**30:.1f})")
         lines.append(f"| {name} | {parts} | {needed_bytes(base.peak) / 2**30:.1f} GiB | " + " | ".join(cells) + " |")
-        print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        if log is not None:
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", file=log, flush=True)
     return "\n".join([
         *lines, "",
         ("Tensors: weights / gradients / optimizer state / activations at the peak, GiB; needs: peak plus the "
-         "CUDA-context "
-        "and allocator allowance. Cells: yes = fits as configured; otherwise the cumulative changes that make it fit "
-        "(cache = cached latents and text-encoder outputs, 8-bit = AdamW8bit, ckpt = gradient checkpointing, "
-        "offload = DeepSpeed ZeRO-2 CPU optimizer offload); no = does not fit even with all of them."),
+         "CUDA-context and allocator allowance (library/estimate/gpus.py). Cells: yes = fits as configured; "
+         "otherwise the cumulative changes that make it fit and the GiB it then needs (cache = cached latents and "
+         "frozen text-encoder outputs, 8-bit = AdamW8bit, ckpt = gradient checkpointing, half batch, offload = "
+         "DeepSpeed ZeRO-2 CPU optimizer offload); no = does not fit even with all of them."),
     ])
+
+
+def replace_block(doc: str, text: str) -> str:
+    """`doc` with the lines between the START and END markers replaced by `text`."""
+    if START not in doc or END not in doc:
+        raise ValueError(f"no block between '{START}' and '{END}'; add the two lines where the table goes")
+    head, rest = doc.split(START, 1)
+    return head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]
 
 
 def main() -> None:
@@ -86,12 +97,11 @@ def main() -> None:
     if args.write is None:
         print(text)
         return
-    doc = args.write.read_text(encoding="utf-8")
-    if START not in doc or END not in doc:
-        sys.exit(f"error: {args.write} has no block between '{START}' and '{END}'; add the two lines where the "
-                 "table goes")
-    head, rest = doc.split(START, 1)
-    args.write.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
+    try:
+        doc = replace_block(args.write.read_text(encoding="utf-8"), text)
+    except ValueError as exc:
+        sys.exit(f"error: {args.write}: {exc}")
+    args.write.write_text(doc, encoding="utf-8")
 
 
 if __name__ == "__main__":

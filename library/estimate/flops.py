@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import (
     FlopCounterMode,
+    flop_registry,
     sdpa_backward_flop_count,
     sdpa_flop_count,
+    shape_wrapper,
 )
 
 aten = torch.ops.aten
@@ -37,6 +39,14 @@ def attention_formulas() -> dict[Any, Any]:
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
     return mapping
+
+
+def flop_formulas() -> dict[Any, Any]:
+    """Overload packet -> formula(*args, out_val=out, **kwargs) -> FLOPs: FlopCounterMode's own table with the
+    attention formulas added, for library/estimate/memory.py LiveBytes, which counts in its own dispatch. Unlike
+    FlopCounterMode it does not try to decompose ops the table lacks: ops reaching a dispatch mode are already
+    decomposed to the kernels the table covers (tests/test_estimate.py checks the totals agree on a model)."""
+    return {**flop_registry, **{k: shape_wrapper(v) for k, v in attention_formulas().items()}}
 
 
 def flop_counter() -> FlopCounterMode:

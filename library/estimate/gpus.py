@@ -1,13 +1,23 @@
 """The GPU table (library/estimate/gpus.toml, numbers cited there) and what fits on a card.
 
 A card's memory must hold the step's peak tensor bytes (library/estimate/memory.py) plus an allowance:
-- the CUDA context: driver state, kernel images (loaded lazily since CUDA 11.7), cuBLAS / cuDNN handles and
-  workspaces; PyTorch counts none of this in `memory_allocated` and it shows in nvidia-smi. CONTEXT_GIB = 0.5 is an
-  assumed typical value, not a measurement of ours (it varies with driver, CUDA and GPU);
-- the caching allocator: memory it reserved but has not handed out (block rounding to 512 B / 2 MiB segments and
-  fragmentation between differently sized blocks; PyTorch "CUDA semantics: memory management"). FRAGMENTATION = 0.15
-  of the tensor peak is an assumed typical reserved/allocated overhead for a training loop.
-Both are settable (`[estimate]` context_gib, fragmentation).
+- the CUDA context: driver state, kernel images, cuBLAS / cuDNN handles; PyTorch counts none of it in
+  `memory_allocated` and it shows in nvidia-smi. Measured sizes: 287 MB for a one-tensor program with lazy module
+  loading (PyTorch's default since 1.13 / CUDA 11.7) against 667 MB with eager loading (pytorch/pytorch PR #86509);
+  "around 400MB if CUDA >= 11.7 is used and lazy module loading enabled" (ptrblck, pytorch/pytorch issue #109888).
+  A training step loads more kernels (convolutions, attention, the optimizer), so CONTEXT_GIB = 0.5 is an assumed
+  typical value above those measurements, not a measurement of ours;
+- the caching allocator: memory it reserved but has not handed out (block rounding, 2 MiB / 20 MiB segments, and
+  fragmentation between differently sized blocks; PyTorch notes "CUDA semantics: memory management"). Reported
+  reserved/allocated overheads range from ~10% to 50-90% for workloads whose tensor sizes vary step to step
+  (pytorch/pytorch issue #137151: 1.75 GiB active vs 2.67-2.88 GiB reserved; meta-pytorch/torchtune issue #1185:
+  16.4 GiB reserved vs 10.8 GiB with `expandable_segments`). A diffusion step at one bucket size repeats the same
+  sizes, so FRAGMENTATION = 0.15 of the tensor peak is an assumption at the low end of that range; with many bucket
+  sizes it can be more (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it).
+Both are settable (`[estimate]` context_gib, fragmentation). Not modelled at all: cuDNN convolution workspaces
+(allocated from the caching allocator per call, sized by cuDNN's algorithm choice; they can be large, pytorch/pytorch
+issue #49207), cuBLAS workspaces (a few MiB per handle and stream), and memory other processes (a desktop) hold on
+the same card.
 """
 
 from __future__ import annotations

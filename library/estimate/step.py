@@ -3,21 +3,41 @@ and the step itself as library/training/loop.py runs it (see library/estimate/me
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import json
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from library.config.network import NetworkConfig
 from library.estimate.memory import DTYPES, EstimateSpec, LiveBytes
 
 
-@dataclass
+@dataclass(frozen=True)
+class Phases:
+    """The step in three phases (bytes without the optimizer state): the VAE encode, the frozen text encoders' pass
+    and the rest. Each phase's peak includes the weights resident then, so caching latents (or frozen text-encoder
+    outputs) is the same step less those phases, less the VAE (encoder) weights in the others."""
+
+    vae_peak: int
+    text_peak: int  # 0 when the text encoders train (their pass is part of the graph) or are cached
+    unet_peak: int
+    unet_forward_peak: int
+    vae_bytes: int  # resident VAE weights (0 when latents are cached)
+    text_bytes: int  # resident frozen text encoders (0 when trained or cached)
+    vae_flops: int
+    text_flops: int
+
+
+@dataclass(frozen=True)
 class StepMeasure:
     """What one fake step measured; library/estimate/memory.py `finish` turns it into an Estimate."""
 
@@ -29,6 +49,31 @@ class StepMeasure:
     measured_state: int  # bytes of its state
     trained: list[tuple[tuple[int, ...], int]]  # (shape, bytes per element) of each trained parameter
     flops: int
+    phases: Phases | None = None
+
+    def cached(self, latents: bool, text: bool) -> StepMeasure:
+        """This step with latents (`latents`) and frozen text-encoder outputs (`text`) read from a cache: the
+        encoders' phases, weights and FLOPs removed. Equal to measuring it again up to the conditioning tensors'
+        dtype (a few hundred KiB; tests/test_estimate.py compares the two)."""
+        ph = self.phases
+        if ph is None:
+            raise ValueError("no phases recorded: measure the step again")
+        drop_vae = ph.vae_bytes if latents else 0
+        drop_text = ph.text_bytes if text else 0
+        rest = [ph.unet_peak - drop_vae - drop_text]
+        firsts = [ph.vae_peak - drop_text] if not latents else []
+        if ph.text_bytes and not text:
+            firsts.append(ph.text_peak - drop_vae)
+        new = Phases(
+            vae_peak=0 if latents else ph.vae_peak - drop_text, text_peak=0 if text else ph.text_peak - drop_vae,
+            unet_peak=rest[0], unet_forward_peak=ph.unet_forward_peak - drop_vae - drop_text,
+            vae_bytes=ph.vae_bytes - drop_vae, text_bytes=ph.text_bytes - drop_text,
+            vae_flops=0 if latents else ph.vae_flops, text_flops=0 if text else ph.text_flops)
+        return replace(
+            self, peak_without_state=max(firsts + rest),
+            forward_peak_without_state=max(firsts + [new.unet_forward_peak]),
+            weights=self.weights - drop_vae - drop_text,
+            flops=self.flops - (ph.vae_flops if latents else 0) - (ph.text_flops if text else 0), phases=new)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,14 +91,20 @@ def config_dir_of(spec: EstimateSpec) -> Path:
 
 
 def build_meta_model(spec: EstimateSpec):
-    """An SDModel whose UNet, VAE and text encoders live on the meta device (built from configs, no weights)."""
+    """An SDModel whose UNet, VAE and text encoders live on the meta device (built from configs, no weights): a
+    fresh copy of the one built for this family and config folder (building takes seconds, copying a meta model
+    tenths; the copy is what the method and fakeify then change)."""
+    return copy.deepcopy(_pristine_meta_model(spec.family, config_dir_of(spec)))
+
+
+@functools.lru_cache(maxsize=4)
+def _pristine_meta_model(family: str, folder: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from library.models.model import SDModel
 
-    folder = config_dir_of(spec)
-    names = ["text_encoder", "text_encoder_2"][: 2 if spec.family == "sdxl" else 1]
+    names = ["text_encoder", "text_encoder_2"][: 2 if family == "sdxl" else 1]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"))
         vae = AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"))
@@ -65,7 +116,7 @@ def build_meta_model(spec: EstimateSpec):
             encoders.append(cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "model_type"})))
     for m in (unet, vae, *encoders):
         m.requires_grad_(False)
-    return SDModel(family=spec.family, prediction_type="epsilon", unet=unet, vae=vae, text_encoders=encoders,
+    return SDModel(family=family, prediction_type="epsilon", unet=unet, vae=vae, text_encoders=encoders,
                    tokenizers=[], scheduler_config={}, source=str(folder), config_dir=folder)
 
 
@@ -160,6 +211,42 @@ def add_hypernetwork(unet: nn.Module, layer_structure: tuple[float, ...]) -> nn.
 # The step.
 
 
+# PyTorch AMP docs, "CUDA Ops that can autocast to float32" (https://pytorch.org/docs/stable/amp.html): with fp16 or
+# bf16 inputs these run in fp32 under CUDA autocast, so their outputs (and the tensors autograd saves around them)
+# are fp32. CPU autocast, which the fake step runs under (fake tensors live on the CPU), leaves most of them in the
+# input dtype: group_norm and layer_norm are the ones that matter for SD (every ResNet block, transformer block and
+# CLIP layer), roughly doubling those activations.
+CUDA_FP32_OPS = frozenset({
+    "__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits", "cosh",
+    "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum", "dist", "erfinv",
+    "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss", "layer_norm", "log", "log_softmax",
+    "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss", "multilabel_margin_loss", "multi_margin_loss",
+    "nll_loss", "norm", "normalize", "pdist", "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh",
+    "smooth_l1_loss", "soft_margin_loss", "softmax", "softmin", "softplus", "sum", "renorm", "tan",
+    "triplet_margin_loss",
+})
+
+
+def _to_fp32(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class CudaAutocastPolicy(TorchFunctionMode):
+    """Under CPU autocast, run CUDA autocast's float32 ops in float32 (inputs cast up, as CUDA autocast casts
+    them), so a step on CPU or fake CPU tensors keeps the dtypes, and so the memory, it would have on a GPU. The
+    low-precision lists agree where SD uses them (linear, matmul, conv; SDPA gets half-precision q/k/v from
+    linear layers either way)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
+            args, kwargs = tree_map(_to_fp32, (args, kwargs))
+            with torch.autocast("cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+
 def _storage_bytes(tensors) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
@@ -168,15 +255,44 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+class _CudaLikeAutocast:
+    """CPU autocast with CUDA autocast's float32 list (see CudaAutocastPolicy); re-enterable, as run_step uses one
+    for the text encoders and the UNet."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._stack: list[ExitStack] = []
+
+    def __enter__(self) -> None:
+        stack = ExitStack()
+        stack.enter_context(torch.autocast("cpu", dtype=self.dtype))
+        stack.enter_context(CudaAutocastPolicy())
+        self._stack.append(stack)
+
+    def __exit__(self, *exc) -> None:
+        self._stack.pop().close()
+
+
 def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
-             live: LiveBytes | None) -> tuple[int, int]:
-    """One training step as library/training/loop.py runs it; returns (gradient bytes, `live`'s peak after the
-    forward pass). Runs on fake or real tensors alike (tests run it on a real tiny model to check the estimate)."""
+             live: LiveBytes | None) -> dict[str, int]:
+    """One training step as library/training/loop.py runs it. Runs on fake or real tensors alike (tests run it on a
+    real tiny model to check the estimate). Returns the gradient bytes and, with `live`, the step's phases: the
+    peak of `live` during the VAE encode, the frozen text encoders' pass and the rest (UNet forward, backward and
+    optimizer step), the peak up to the end of the UNet forward, and the FLOPs of the first two (the phases are what
+    lets memory.rederive drop a cached encoder without measuring again)."""
     from library.models.text import encode_text
+
+    marks: dict[str, int] = {}
+
+    def mark(name: str) -> None:  # the peak since the last mark, then start a new one
+        if live is not None:
+            marks[name] = live.peak
+            marks[f"{name}_flops"] = live.flops - sum(v for k, v in marks.items() if k.endswith("_flops"))
+            live.reset_peak()
 
     batch, (height, width) = spec.batch_size, spec.resolution
     unet, vae = model.unet, model.vae
-    autocast = (torch.autocast("cpu", dtype=DTYPES[spec.mixed_precision]) if spec.mixed_precision != "no"
+    autocast = (_CudaLikeAutocast(DTYPES[spec.mixed_precision]) if spec.mixed_precision != "no"
                 else nullcontext())
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if spec.cache_latents:
@@ -184,6 +300,7 @@ def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
     else:
         with torch.no_grad():  # loop._encode: fp32 VAE, no grad
             latents = vae.encode(torch.randn(batch, 3, height, width)).latent_dist.sample()
+    mark("vae")
     ids = [torch.zeros(batch, 77, dtype=torch.long) for _ in model.text_encoders]
     if spec.trains_text_encoder():
         with autocast:
@@ -193,6 +310,7 @@ def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
         with torch.no_grad(), autocast:
             cond = encode_text(model, ids)
         hidden, pooled = cond.hidden, cond.pooled
+        mark("text")
     else:
         dtype = DTYPES[spec.mixed_precision] if spec.mixed_precision != "no" else torch.float32
         hidden = torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=dtype)
@@ -208,24 +326,24 @@ def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
     with autocast:
         pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
     loss = torch.nn.functional.mse_loss(pred.float(), noise)
-    forward_peak = live.peak if live is not None else 0
+    if live is not None:
+        marks["unet_forward"] = live.peak
     del pred, hidden, pooled, latents, noisy, added
     loss.backward()
-    grads = _storage_bytes(p.grad for p in trained)
+    marks["grads"] = _storage_bytes(p.grad for p in trained)
     if spec.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trained, spec.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, spec.max_grad_norm, foreach=True)  # as on CUDA (foreach default)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grads, forward_peak
-
-
+    mark("unet")
+    return marks
 
 
 def measure(spec: EstimateSpec) -> StepMeasure:
     """Build `spec`'s model on the meta device, make it fake and run one steady-state training step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from library.estimate.flops import flop_counter
+    from library.estimate.flops import flop_formulas
 
     model = build_meta_model(spec)
     extra = setup_method(model, spec)
@@ -245,12 +363,11 @@ def measure(spec: EstimateSpec) -> StepMeasure:
         te.train(spec.trains_text_encoder())
 
     run_adamw = spec.optimizer == "AdamW" and not spec.offload_optimizer
-    live = LiveBytes()
+    live = LiveBytes(flop_formulas())
     for m in resident:
         for t in [*m.parameters(), *m.buffers()]:
             live.track(t)
     weights = live.current
-    counter = flop_counter()
     with mode, live:
         if run_adamw:
             optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=True)  # fused, as build_optimizer picks on CUDA
@@ -259,13 +376,26 @@ def measure(spec: EstimateSpec) -> StepMeasure:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         else:
-            optimizer = torch.optim.SGD(trained, lr=1e-4)  # no state: other optimizers' state is added analytically
+            optimizer = torch.optim.SGD(trained, lr=1e-4, foreach=True)  # no state: other optimizers' state is added analytically
         state = live.current - weights
         live.reset_peak()
-        with counter:
-            grads, forward_peak = run_step(model, spec, trained, optimizer, live)
+        live.count_flops = True  # the step's FLOPs only, not the state-creating step above
+        marks = run_step(model, spec, trained, optimizer, live)
+    peaks = [marks[k] for k in ("vae", "text", "unet") if k in marks]
+    frozen_text = not spec.trains_text_encoder() and not spec.cache_text_outputs
     return StepMeasure(
-        peak_without_state=live.peak - state, forward_peak_without_state=forward_peak - state, weights=weights,
-        gradients=grads, optimizer="AdamW" if run_adamw else "SGD", measured_state=state,
-        trained=[(tuple(p.shape), p.element_size()) for p in trained], flops=int(counter.get_total_flops()),
+        peak_without_state=max(peaks) - state,
+        forward_peak_without_state=max(peaks[:-1] + [marks["unet_forward"]]) - state, weights=weights,
+        gradients=marks["grads"], optimizer="AdamW" if run_adamw else "SGD", measured_state=state,
+        trained=[(tuple(p.shape), p.element_size()) for p in trained], flops=int(live.flops),
+        phases=Phases(
+            vae_peak=marks["vae"] - state, text_peak=marks.get("text", 0) - state, unet_peak=marks["unet"] - state,
+            unet_forward_peak=marks["unet_forward"] - state,
+            vae_bytes=0 if spec.cache_latents else _module_bytes(model.vae),
+            text_bytes=sum(_module_bytes(te) for te in model.text_encoders) if frozen_text else 0,
+            vae_flops=marks["vae_flops"], text_flops=marks.get("text_flops", 0)),
     )
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return _storage_bytes([*module.parameters(), *module.buffers()])
