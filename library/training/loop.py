@@ -31,8 +31,10 @@ import torch
 
 from library.config.optim import OptimizerConfig, SchedulerConfig
 from library.config.train import LogConfig, SampleConfig, SaveConfig, TrainConfig
-from library.errors import ConfigError, UserError
+from library.errors import ConfigError, DataError, UserError
+from library.fileio import OutputWriteError, recover_interrupted_writes
 from library.models.model import SDModel
+from library.training import faults
 from library.training import state as st
 from library.training.ema import EMA
 from library.training.method import Method
@@ -44,6 +46,11 @@ class TrainingStopped(UserError):
     """Training stopped on purpose (e.g. repeated non-finite losses); the last good state was saved."""
 
     exit_code = 3
+
+
+USUAL_FIXES = ("Usual fixes: a lower optimizer.learning_rate, train.mixed_precision = 'bf16' instead of 'fp16', "
+               "optimizer.max_grad_norm = 1.0, a VAE that does not overflow in fp16, and a look at the data "
+               "(check_dataset.py).")
 
 
 @dataclass
@@ -134,6 +141,9 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
     unwrapped_trained = [p for p in trained if id(p) not in unet_ids]  # not all-reduced by DDP
     ema = EMA(trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) if cfg.ema else None
 
+    if accelerator.is_main_process:
+        for p in recover_interrupted_writes(out_dir):  # what a killed run left half-written
+            _say(accelerator, f"cleaned up after an interrupted write: {p}")
     counters = st.Counters()
     resume_dir = st.find_resume_dir(cfg.resume, out_dir)
     if resume_dir is not None:
@@ -200,6 +210,8 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
                                  added_cond_kwargs=added, return_dict=False)[0]
             loss, _ = objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
                                      weights=batch["loss_weights"].to(device))
+            if faults.nan_batch(data.epoch * data.steps_per_epoch + data.position):
+                loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
             steps.backward(loss, finite)
         timings["model"] += time.perf_counter() - t
@@ -215,10 +227,11 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             method.before_step(model, counters.step)
             step_losses, all_finite, epoch_end = [], True, False
             for micro in range(cfg.gradient_accumulation_steps):
-                counters.epoch, batch, epoch_end = next(batches)
+                counters.epoch, batch, epoch_end = _next_batch(batches)
                 loss, finite = micro_step(batch, counters.step, micro)
                 step_losses.append(float(loss))
                 all_finite &= finite
+            faults.kill_point("step", counters.step + 1)
             t = time.perf_counter()
             if accelerator.num_processes > 1 and not ds.enabled:
                 _average_gradients(unwrapped_trained)
@@ -231,16 +244,17 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
                 _say(accelerator, f"step {counters.step + 1}: non-finite {what}, step skipped "
                                   f"({consecutive_nan} in a row, {counters.nan_steps} in total)")
                 if consecutive_nan >= cfg.max_consecutive_nan_steps:
+                    what = f"{consecutive_nan} non-finite steps in a row at step {counters.step + 1}; stopped"
                     saved = "nothing is saved (no resume states with DeepSpeed)"
                     if steps.resumable:
-                        _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
-                              with_result=False)
+                        try:
+                            _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
+                                  with_result=False)
+                        except TrainingStopped as e:  # the weights themselves are no longer finite
+                            raise TrainingStopped(f"{what}: {e}") from None
                         saved = (f"the last good state is saved under {st.state_root(out_dir)} "
                                  "(resume with train.resume = 'auto')")
-                    raise TrainingStopped(
-                        f"{consecutive_nan} non-finite steps in a row at step {counters.step + 1}; stopped, and "
-                        f"{saved}. Usual fixes: a lower optimizer.learning_rate, train.mixed_precision = 'bf16' "
-                        "instead of 'fp16', optimizer.max_grad_norm = 1.0, or a VAE that does not overflow in fp16.")
+                    raise TrainingStopped(f"{what}, and {saved}. {USUAL_FIXES}")
                 continue
             consecutive_nan = 0
             lr_scheduler.step()
@@ -263,7 +277,7 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
             if prompts and not done and _due(counters.step, s.sample.sample_every_n_steps, epoch_end,
                                              counters.epoch, s.sample.sample_every_n_epochs):
                 t = time.perf_counter()
-                _sample(model, modules, prompts, s, out_dir, f"step{counters.step:08d}", accelerator, steps)
+                _sample(model, modules, prompts, s, out_dir, counters.step, accelerator, steps)
                 timings["sample"] += time.perf_counter() - t
         t = time.perf_counter()
         result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
@@ -271,8 +285,17 @@ def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSett
         timings["save"] += time.perf_counter() - t
         if prompts and s.sample.sample_at_end:
             t = time.perf_counter()
-            _sample(model, modules, prompts, s, out_dir, f"final_step{counters.step:08d}", accelerator, steps)
+            _sample(model, modules, prompts, s, out_dir, counters.step, accelerator, steps, final=True)
             timings["sample"] += time.perf_counter() - t
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        # torch raises this from its SIGCHLD handler (wherever the main process is, a save included: atomic writes
+        # keep the files whole) or when the next batch never comes.
+        raise DataError(f"a data loader worker process died ({str(e).splitlines()[0]}). A killed worker is most "
+                        "often out of memory: lower data.num_workers or data.batch_size, or set data.num_workers = 0 "
+                        "to see any error in the main process. The last complete resume state under "
+                        f"{st.state_root(out_dir)} is intact (resume with train.resume = 'auto')") from None
     finally:
         if bar is not None:
             bar.close()
@@ -339,6 +362,19 @@ def _encode(model: SDModel, pixels: torch.Tensor, generator: torch.Generator) ->
     return (latents - shift) * model.vae.config.scaling_factor
 
 
+def _next_batch(batches: Iterator[tuple[int, dict, bool]]) -> tuple[int, dict, bool]:
+    """The next batch; a user error raised in a data loader worker keeps its one-line message."""
+    try:
+        return next(batches)
+    except UserError as e:
+        # A DataError raised in a worker comes back re-created with the worker's traceback as its message (torch's
+        # ExceptionWrapper); its last line is the original message.
+        if "Original Traceback" not in str(e):
+            raise
+        last = str(e).strip().splitlines()[-1]
+        raise type(e)(last.removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")) from None
+
+
 def _batch_stream(data: Any) -> Iterator[tuple[int, dict, bool]]:
     """(epoch, batch, last batch of its epoch) forever, continuing from the data's (possibly restored) position.
 
@@ -362,8 +398,14 @@ def _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accele
     with steps.full_weights():  # ZeRO-3: every rank takes part in gathering the partitioned weights
         path = None
         if accelerator.is_main_process:
-            path = _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, steps,
-                              with_result=with_result, final=final)
+            try:
+                path = _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, steps,
+                                  with_result=with_result, final=final)
+            except OutputWriteError as e:
+                last = st.list_states(s.save.output_dir)
+                where = (f"the last complete resume state is {last[-1]}: resume from it with train.resume = 'auto' "
+                         "once the cause is fixed" if last else "no resume state was saved yet")
+                raise OutputWriteError(f"{e}; stopped at step {counters.step}, {where}") from e
     accelerator.wait_for_everyone()
     return path
 
@@ -373,6 +415,16 @@ def _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, s
     """The main process writes the result and (unless DeepSpeed) the resume state."""
     path = None
     out_dir = Path(s.save.output_dir)
+    trainable = method.trainable_state(model)
+    bad = [k for k, v in trainable.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        # An update overflowed the weights themselves (the loss guard cannot see that): saving them would put
+        # garbage in a result and a state that fails again at once, so the last good state stays the newest.
+        last = st.list_states(out_dir)
+        raise TrainingStopped(
+            f"the trained weights are no longer finite at step {counters.step} ({len(bad)} tensors, e.g. {bad[0]}), "
+            "so nothing was saved; " + (f"the last good state is {last[-1]} (resume with train.resume = 'auto')"
+                                        if last else "no earlier state exists") + f". {USUAL_FIXES}")
     if with_result:
         stem = out_dir / (s.save.output_name if final else f"{s.save.output_name}-step{counters.step:08d}")
         meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
@@ -382,7 +434,7 @@ def _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, s
         if not final and s.save.save_last_n > 0:
             _prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
     if (s.save.save_state or not with_result) and steps.resumable:
-        st.save_state(out_dir, counters, method.trainable_state(model), {
+        st.save_state(out_dir, counters, trainable, {
             "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
             "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
             "rng": st.rng_state()}, keep_last=s.save.save_last_n)
@@ -390,13 +442,13 @@ def _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, s
 
 
 def _prune_results(out_dir: Path, name: str, suffix: str, keep: int) -> None:
-    import shutil
+    from library.fileio import remove_atomic
 
     old = sorted(out_dir.glob(f"{name}-step*{suffix}"))
     for p in old[:-keep]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
         for sidecar in out_dir.glob(f"{p.name}.*"):  # e.g. A1111's `.pt.optim`
             sidecar.unlink()
+        remove_atomic(p)
 
 
 def _sample_prompts(s: LoopSettings):
@@ -408,12 +460,13 @@ def _sample_prompts(s: LoopSettings):
     return read_prompts(s.sample.prompts, s.sample.prompts_file, defaults)
 
 
-def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, accelerator, steps) -> None:
+def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, step: int, accelerator, steps,
+            final: bool = False) -> None:
     with steps.full_weights():  # entered on every rank (ZeRO-3 gathers collectively); only the main one samples
-        _sample_main(model, modules, prompts, s, out_dir, tag, accelerator)
+        _sample_main(model, modules, prompts, s, out_dir, step, accelerator, final)
 
 
-def _sample_main(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: str, accelerator) -> None:
+def _sample_main(model, modules, prompts, s: LoopSettings, out_dir: Path, step: int, accelerator, final) -> None:
     from library.training.sample import generate, save_images
 
     if not accelerator.is_main_process:
@@ -425,7 +478,8 @@ def _sample_main(model, modules, prompts, s: LoopSettings, out_dir: Path, tag: s
         enc.to(device)  # back from the CPU if text outputs were cached
     try:
         images = generate(model, prompts, sampler=s.sample.sampler, base_seed=s.train.seed, clip_skip=s.clip_skip)
-        save_images(images, prompts, out_dir / "sample", tag)
+        faults.kill_point("sample", step)
+        save_images(images, prompts, out_dir / "sample", f"{'final_' if final else ''}step{step:08d}")
     finally:
         for m in modules:
             m.train()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
-from library.fileio import atomic_path
+from library.fileio import atomic_path, remove_atomic
+from library.training import faults
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -73,13 +73,14 @@ def save_state(
         tmp.mkdir(parents=True)
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in trainable.items()},
                   str(tmp / "trainable.safetensors"))
+        faults.kill_point("save", counters.step)
         payload = {"counters": {"step": counters.step, "epoch": counters.epoch, "nan_steps": counters.nan_steps,
                                 "extra": counters.extra}, **training_state}
         torch.save(payload, tmp / "training_state.pt")
         (tmp / "done").write_text("complete\n")
     if keep_last > 0:
         for old in list_states(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_atomic(old)
     return final
 
 
