@@ -14,6 +14,7 @@ family. Output: a single .safetensors file or a diffusers folder (fp16 / bf16 / 
 
 from __future__ import annotations
 
+import json
 import sys
 
 from library.cli import main_guard
@@ -37,7 +38,8 @@ ALIASES = {
     "clamp_quantile": "extract.clamp_quantile",
     "new_rank": "extract.rank",
 }
-EXTRA_FLAGS = {"no_progress": "do not show the progress bar"}
+EXTRA_FLAGS = {"no_progress": "do not show the progress bar",
+               "timings": "print where a merge's time went (read, merge, write, fsync seconds) as JSON on stderr"}
 
 
 @main_guard
@@ -51,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from library.merge.recipe import run_recipe
 
-    out = run_recipe(cfg, recipe, progress=not flags.extra["no_progress"], dry_run=flags.dry_run)
+    timings: dict[str, float] = {}
+    out = run_recipe(cfg, recipe, progress=not flags.extra["no_progress"], dry_run=flags.dry_run, timings=timings)
     if out is not None:
         print(f"wrote {out}")
+    if flags.extra["timings"] and timings:
+        print("timings " + json.dumps({k: round(v, 3) for k, v in timings.items()}), file=sys.stderr)
     return 0
 
 

@@ -2,8 +2,9 @@
 by tensor and write the result atomically with the recipe in its metadata.
 
 Peak memory is a small multiple of the largest tensor: each key's input tensors are read, combined (elementwise modes
-in chunks of CHUNK elements, so the float32 temporaries stay small) into an output tensor in the output dtype, written
-and dropped before the next key is read.
+in chunks of CHUNK elements, so the float32 temporaries stay small) into an output tensor in the output dtype and
+written; reading, merging and writing overlap across at most IN_FLIGHT keys (pipeline.run_pipeline), in reused
+buffers. Keys go in the order of model A's file, so the inputs are read and the output written front to back.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import datetime
 import hashlib
 import shutil
 import sys
+import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -24,7 +25,9 @@ from library.errors import ConfigError, ModelFileError
 from library.fileio import atomic_path
 from library.merge import modes
 from library.merge.blocks import block_slot, parse_block_alphas
-from library.merge.stream import WEIGHT_FILES, SafetensorsWriter, TensorSource, folder_parts, open_source
+from library.merge.pipeline import run_pipeline
+from library.merge.stream import (IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, SafetensorsWriter, TensorSource,
+                                   folder_parts, open_source)
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
 from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
@@ -39,7 +42,8 @@ Combine = Callable[[str, Sequence[torch.Tensor], "torch.Tensor | None"], torch.T
 Elementwise = bool | Literal["single_op"]
 
 
-def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry_run: bool = False) -> Path | None:
+def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry_run: bool = False,
+               timings: dict[str, float] | None = None) -> Path | None:
     """Run the recipe; returns the output path. `recipe_text`: the resolved TOML, stored with the output.
 
     dry_run: open the inputs and check them (family, keys, shapes), print what would be written, write nothing.
@@ -69,7 +73,7 @@ def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry
         if dry_run:
             print(f"{len(sources)} inputs of family {family} agree on {len(keys)} tensors; {m.mode} would write {out}")
             return None
-        return write_merge(sources, keys, combine, elementwise, cfg, recipe_text, progress=progress)
+        return write_merge(sources, keys, combine, elementwise, cfg, recipe_text, progress=progress, timings=timings)
     finally:
         for s in sources:
             s.close()
@@ -142,16 +146,16 @@ def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, Elementw
 
 
 def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, elementwise: Elementwise,
-              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None, arena: Arena | None = None
+              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None, ring: OutputRing | None = None
               ) -> torch.Tensor:
     """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise; in one call
     on the stored tensors for a single-op mode whose inputs are already in `dtype`).
 
     `work`: len(tensors) + 1 float32 buffers of CHUNK elements (`work_buffers`), reused for every chunk and key so
-    the merge does not allocate (and page-fault in) fresh float32 memory per chunk. `arena`: where the result goes
-    (valid until the arena's next `take`), for the same reason.
+    the merge does not allocate (and page-fault in) fresh float32 memory per chunk. `ring`: where the result goes
+    (valid until the ring comes round to its buffer again), for the same reason.
     """
-    out = arena.take(tensors[0].shape, dtype) if arena is not None else torch.empty(tensors[0].shape, dtype=dtype)
+    out = ring.take(tensors[0].shape, dtype) if ring is not None else torch.empty(tensors[0].shape, dtype=dtype)
     if elementwise == "single_op" and all(t.dtype == dtype for t in tensors):
         return combine(key, tensors, out)  # one pass, float32 inside the op: no chunks, no float32 copies
     if not elementwise:
@@ -167,34 +171,55 @@ def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, eleme
     return out
 
 
-class Arena:
-    """One reused output buffer: `take` returns a view of it, valid until the next `take` (the caller writes each
-    merged tensor out before merging the next)."""
+class OutputRing:
+    """`slots` reused output buffers taken in turn: a tensor from `take` stays valid until `slots` more takes (the
+    pipeline has at most IN_FLIGHT keys between read and written, so a ring of IN_FLIGHT never overwrites a result
+    before it is written). Results over RING_MAX_BYTES get their own memory, as in SafetensorsFile."""
 
-    def __init__(self) -> None:
-        self._buf = torch.empty(0, dtype=torch.uint8)
+    def __init__(self, slots: int = IN_FLIGHT) -> None:
+        self._bufs = [torch.empty(0, dtype=torch.uint8) for _ in range(slots)]
+        self._turn = 0
 
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         nbytes = _numel(shape) * torch.empty(0, dtype=dtype).element_size()
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buf[:nbytes].view(dtype).view(tuple(shape))
+        if nbytes > RING_MAX_BYTES:
+            return torch.empty(tuple(shape), dtype=dtype)
+        slot = self._turn % len(self._bufs)
+        self._turn += 1
+        if self._bufs[slot].numel() < nbytes:
+            self._bufs[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._bufs[slot][:nbytes].view(dtype).view(tuple(shape))
 
 
 def work_buffers(n_inputs: int) -> list[torch.Tensor]:
     return [torch.empty(CHUNK, dtype=torch.float32) for _ in range(n_inputs + 1)]
 
 
+def read_order(source: TensorSource, keys: Sequence[str]) -> list[str]:
+    """`keys` in the order their bytes lie in `source`'s file (one front-to-back pass of model A; inputs written by
+    the same tool usually share the order), or as given when the source is not one file."""
+    entries = [source.entries[k] for k in keys]
+    if any(e.offset is None for e in entries):
+        return list(keys)
+    return [k for _, k in sorted(zip((e.offset for e in entries), keys), key=lambda p: p[0])]
+
+
 def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combine, elementwise: Elementwise,
-                cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Path:
-    """Merge every key and write the single file or diffusers folder the config asks for (atomically)."""
+                cfg: MergeRecipe, recipe_text: str, *, progress: bool = True,
+                timings: dict[str, float] | None = None) -> Path:
+    """Merge every key and write the single file or diffusers folder the config asks for (atomically).
+
+    Reading, merging and writing overlap (pipeline.run_pipeline); `timings`, when given, receives each stage's busy
+    seconds, the final fsync's and the wall time of the whole write."""
+    t_start = time.perf_counter()
     dtype = PRECISIONS[cfg.output.precision]
     a = sources[0]
     out_path = Path(cfg.output.path).expanduser()
     fmt = cfg.output.format
     if fmt == "auto":
         fmt = "single_file" if out_path.suffix.lower() == ".safetensors" else "diffusers"
-    specs = {k: (_out_dtype(a.entries[k].dtype, dtype), a.entries[k].shape) for k in keys}
+    keys = read_order(a, keys)
+    specs = {k: (_out_dtype(a.entries[k].dtype, dtype), a.entries[k].shape) for k in keys}  # written in read order
     metadata = recipe_metadata(a, recipe_text, out_path.stem)
     total = sum(_numel(a.entries[k].shape) for k in keys)
     bar = _progress(total, progress, f"merging {len(sources)} models")
@@ -204,30 +229,36 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
         else:
             sink = DiffusersSink(tmp, specs, _config_dir(sources, cfg), a.family, recipe_text)
         work = work_buffers(len(sources)) if elementwise else None
-        arena = Arena()
-        # One reader thread fetches the next key's tensors while this one merges and writes (file reads release the
-        # GIL), so reading, computing and writing overlap; at most two keys are in memory at once.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            try:
-                pending = pool.submit(_fetch, sources, keys[0]) if keys else None
-                for i, key in enumerate(keys):
-                    assert pending is not None
-                    tensors = pending.result()
-                    pending = pool.submit(_fetch, sources, keys[i + 1]) if i + 1 < len(keys) else None
-                    e = a.entries[key]
-                    if is_weight(key, e.dtype, e.shape):
-                        value = merge_key(key, tensors, combine, elementwise, dtype, work, arena)
-                    else:
-                        value = tensors[0].to(specs[key][0])
-                    del tensors
-                    sink.write(key, value)
-                    del value
-                    bar.update(_numel(e.shape))
-            finally:
-                if pending is not None:
-                    pending.cancel()
-                sink.close()
-                bar.close()
+        ring = OutputRing(IN_FLIGHT)
+
+        def compute(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+            e = a.entries[key]
+            if is_weight(key, e.dtype, e.shape):
+                return merge_key(key, tensors, combine, elementwise, dtype, work, ring)
+            return tensors[0].to(specs[key][0])  # may alias the read buffer: it stays untouched until written
+
+        def write(key: str, value: torch.Tensor) -> None:
+            sink.write(key, value)
+            bar.update(_numel(value.shape))
+
+        threads = torch.get_num_threads()
+        if elementwise:
+            # Elementwise kernels are memory-bound (a second thread gained nothing on 2 cores), and beside the reader
+            # and writer threads, OpenMP workers waiting at a barrier for a busy core made torch.lerp 2.3x slower.
+            torch.set_num_threads(1)
+        try:
+            stages = run_pipeline(keys, lambda k: _fetch(sources, k), compute, write, in_flight=IN_FLIGHT)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+            bar.close()
+    if timings is not None:
+        timings.update(read_s=stages.read_s, compute_s=stages.compute_s, write_s=stages.write_s,
+                       fsync_s=sink.fsync_s, pipeline_wall_s=stages.wall_s,
+                       write_merge_wall_s=time.perf_counter() - t_start)
     return out_path
 
 
@@ -333,6 +364,14 @@ class DiffusersSink:
         for k, t in from_ldm({key: tensor}, km).items():
             self.writers[name].write(k, t)
 
+    @property
+    def fsync_s(self) -> float:
+        return sum(w.fsync_s for w in self._opened)
+
     def close(self) -> None:
         for w in self._opened:
             w.close()
+
+    def abort(self) -> None:
+        for w in self._opened:
+            w.abort()

@@ -1,15 +1,15 @@
 """Tensor-by-tensor model I/O for merges: inputs are read one tensor at a time, outputs written one tensor at a time.
 
 Every input is seen in the single-file (LDM/SGM) key space, where block slots are defined:
-- `SafetensorsFile`: a `.safetensors` file read with plain `seek` + `readinto`, not through safetensors' mmap: the
-  pages of a memory-mapped file count towards the process's resident memory as they are touched, so mmap reads of two
-  7 GB files would show a 14 GB RSS even though each tensor is dropped after use.
+- `SafetensorsFile`: a `.safetensors` file, each tensor read through its own small memory map (released with the
+  tensor), not one map of the whole file, whose touched pages would all count towards the resident memory.
 - `SingleFileSource`: a single-file checkpoint (`.safetensors`, or a `.ckpt` through the weights-only unpickler, which
   has to hold the whole file in memory: pickles cannot be read piecewise).
 - `FolderSource`: a diffusers folder seen through the strict key maps (`library.models.keymaps*`), key by key, with
   the same extra keys `save_single_file` writes, so a folder and the single file of the same model are equal views.
 Outputs: `SafetensorsWriter` writes the header first (every key's dtype, shape and offsets are known before merging)
-and then each tensor at its offset. safetensors' Python API only writes whole dicts, and no maintained package
+and then each tensor at its offset, with `os.pwrite` (one call per tensor, no user-space buffering), asking the kernel
+to write back as it goes. safetensors' Python API only writes whole dicts, and no maintained package
 streams safetensors writes, so the format is written here: 8-byte little-endian header length, the JSON header
 (padded with spaces to a multiple of 8 bytes, as safetensors does), then the raw little-endian tensor bytes.
 """
@@ -17,7 +17,11 @@ streams safetensors writes, so the format is written here: 8-byte little-endian 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -38,15 +42,30 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class SafetensorsFile:
-    """Header-checked safetensors file; `read(key)` returns one tensor read with plain file I/O (no mmap)."""
+# Pipeline depth of a merge (pipeline.run_pipeline's `in_flight`): keys between read and written at any moment.
+IN_FLIGHT = 4
+# A result larger than this gets its own memory instead of a reused output buffer (recipe.OutputRing), so that the
+# ring is not left holding IN_FLIGHT copies of a model's few largest tensors (SDXL: 5 over 32 MiB, the largest 126 MB).
+RING_MAX_BYTES = 32 << 20
+# madvise(MADV_POPULATE_READ) (Linux 5.14+): map a range's pages now, reading them from disk if needed, without
+# copying them (a plain read fault would come later, on the merging thread). Python 3.11's mmap module lacks the name.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
-    def __init__(self, path: str | Path, ring: int = 0):
-        """`ring` > 0: read into that many reused buffers in turn, so a tensor returned stays valid only until
-        `ring` more reads of this file (no fresh, page-faulting memory per tensor); 0: every read gets new memory."""
+
+class SafetensorsFile:
+    """Header-checked safetensors file; `read(key)` returns one tensor backed by its own memory map of the file.
+
+    Each tensor maps only its own byte range, copy-on-write (mmap ACCESS_COPY: the file is never written, and an
+    in-place change to the tensor changes private pages only), and the map is released when the tensor is dropped.
+    So a merge reads the page cache without copying it into new memory, and the resident memory counts only the
+    tensors in use, not every page of the file touched so far (the trouble with one map of the whole file, where
+    reading two 7 GB files shows as a 14 GB RSS). Pages are faulted in by `read` itself (MADV_POPULATE_READ), so the
+    reader thread of a pipelined merge does the disk reads. As with any mmap (and safetensors' own loader), a file
+    truncated by another program while a tensor is in use raises SIGBUS.
+    """
+
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._ring: list[bytearray] = [bytearray() for _ in range(ring)]
-        self._turn = 0
         self.shapes, self.metadata = read_safetensors_header(self.path)  # validates sizes and offsets
         with open(self.path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -54,7 +73,8 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self._data_start = 8 + n
         self._entries = {k: (DTYPES[v["dtype"]], tuple(v["data_offsets"])) for k, v in header.items()}
-        self._file: Any = None
+        self._fd: int | None = None
+        self._populate = _MADV_POPULATE_READ
 
     def keys(self) -> list[str]:
         return list(self.shapes)
@@ -62,30 +82,33 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key][0]
 
+    def offset(self, key: str) -> int:
+        """Where the key's bytes start in the file (reading keys in this order reads the file front to back)."""
+        return self._data_start + self._entries[key][1][0]
+
     def read(self, key: str) -> torch.Tensor:
         dtype, (start, end) = self._entries[key]
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the merge, closed by close()
-        size = end - start
-        if self._ring:
-            slot = self._turn % len(self._ring)
-            self._turn += 1
-            if len(self._ring[slot]) < size:
-                self._ring[slot] = bytearray(size)
-            buf: Any = memoryview(self._ring[slot])[:size]
-        else:
-            buf = bytearray(size)
-        self._file.seek(self._data_start + start)
-        if self._file.readinto(buf) != size:
-            raise ModelFileError(f"{self.path}: file ends inside tensor '{key}' (truncated download?)")
-        if not buf:
+        if end == start:
             return torch.empty(self.shapes[key], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(self.shapes[key])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        pos = self._data_start + start
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY  # map offsets must be aligned
+        try:
+            m = mmap.mmap(self._fd, pos - base + end - start, access=mmap.ACCESS_COPY, offset=base)
+        except (OSError, ValueError) as e:
+            raise ModelFileError(f"{self.path}: cannot read tensor '{key}' ({e}; truncated or changed file?)") from e
+        if self._populate is not None:
+            try:
+                m.madvise(self._populate)
+            except OSError:  # an older kernel: pages are read when first touched instead
+                self._populate = None
+        return torch.frombuffer(memoryview(m)[pos - base:], dtype=dtype).reshape(self.shapes[key])
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -95,6 +118,7 @@ class Entry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
+    offset: int | None = None  # position in a single input file, for reading it front to back; None: not known
 
 
 class TensorSource:
@@ -155,15 +179,14 @@ def single_file_source(path: Path) -> TensorSource:
     entries: dict[str, Entry] = {}
     closers: list[Any] = []
     if path.suffix.lower() == ".safetensors":
-        # A merge holds at most two keys' tensors of a file (the one merged, the one prefetched): a ring of 3.
-        f = SafetensorsFile(path, ring=3)
+        f = SafetensorsFile(path)
         closers.append(f)
         shapes, metadata = f.shapes, f.metadata
 
         def reader(k: str) -> Callable[[], torch.Tensor]:
             return lambda: f.read(k)
 
-        dtype = f.dtype
+        dtype, offset = f.dtype, f.offset
     else:
         tf = open_tensor_file(path)  # ModelFileError for unknown suffixes and unsafe pickles
         shapes, metadata = tf.shapes, tf.metadata
@@ -174,13 +197,16 @@ def single_file_source(path: Path) -> TensorSource:
         def dtype(k: str) -> torch.dtype:
             return tf[k].dtype
 
+        def offset(k: str) -> int | None:
+            return None
+
     for key, shape in shapes.items():
         if key.startswith("model_ema."):
             continue
         name = key
         if key.startswith(SD1_TE) and not key.startswith(SD1_TE + kc.TEXT_MODEL):
             name = SD1_TE + kc.TEXT_MODEL + key[len(SD1_TE):]
-        entries[name] = Entry(tuple(shape), dtype(key), reader(key))
+        entries[name] = Entry(tuple(shape), dtype(key), reader(key), offset(key))
     return TensorSource(str(path), entries, metadata, closers)
 
 
@@ -332,9 +358,17 @@ def _const(t: torch.Tensor) -> Entry:
 # Output.
 
 
+# While writing, every WRITEBACK_BYTES the writer asks the kernel to start writing the finished part to disk and to
+# drop it from the page cache (posix_fadvise DONTNEED does both on Linux: dirty pages are queued for writeback, clean
+# ones dropped). The disk then works while the merge goes on, the fsync at the end finds little left to do, and a
+# 7 GB output does not push the inputs (or other programs' files) out of the page cache.
+WRITEBACK_BYTES = 64 << 20
+
+
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, in any order: the header (from the declared dtypes and shapes)
-    goes first, each `write` lands at its key's offset, and `close` checks that every key was written once."""
+    goes first, each `write` lands at its key's offset (declare the keys in the order they will be written for one
+    front-to-back pass), and `close` checks that every key was written once and fsyncs the file."""
 
     def __init__(self, path: str | Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None):
@@ -354,9 +388,13 @@ class SafetensorsWriter:
         text += b" " * (-len(text) % 8)  # the data area starts 8-byte aligned, as safetensors writes it
         self._data_start = 8 + len(text)
         self._written: set[str] = set()
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-        self._file.write(struct.pack("<Q", len(text)) + text)
-        self._file.truncate(self._data_start + pos)
+        self._span = (1 << 62, 0)  # byte range written since the last writeback request
+        self._last_span = self._span
+        self.fsync_s = 0.0  # time the final fsync took (reported by merge timings)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                                       0o666)
+        self._pwrite(struct.pack("<Q", len(text)) + text, 0)
+        os.ftruncate(self._fd, self._data_start + pos)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         dtype, shape = self.specs[key]
@@ -365,15 +403,46 @@ class SafetensorsWriter:
         if key in self._written:
             raise ValueError(f"{key} written twice")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # little-endian on every supported host
-        self._file.seek(self._data_start + self.offsets[key])
-        self._file.write(memoryview(data.numpy()))
+        start = self._data_start + self.offsets[key]
+        self._pwrite(memoryview(data.numpy()), start)
         self._written.add(key)
+        self._span = (min(self._span[0], start), max(self._span[1], start + data.numel()))
+        if self._span[1] - self._span[0] >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            # This span starts writing back; the previous one, written back by now (or soon), leaves the cache.
+            lo = min(self._span[0], self._last_span[0])
+            hi = max(self._span[1], self._last_span[1])
+            assert self._fd is not None
+            os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            self._last_span, self._span = self._span, (1 << 62, 0)
 
-    def close(self) -> None:
+    def _pwrite(self, data: Any, offset: int) -> None:
+        assert self._fd is not None, "write after close"
+        view = memoryview(data).cast("B")
+        while view:  # pwrite may write less than asked (signals, some file systems)
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def close(self, fsync: bool = True) -> None:
+        """Check every key was written, fsync (unless told not to) and close."""
         missing = [k for k in self.specs if k not in self._written]
-        self._file.close()
         if missing:
+            self.abort()
             raise ValueError(f"{self.path}: {len(missing)} declared tensors never written, e.g. {missing[0]}")
+        if self._fd is None:
+            return
+        try:
+            if fsync:
+                t0 = time.perf_counter()
+                os.fsync(self._fd)
+                self.fsync_s = time.perf_counter() - t0
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close without checks (the merge failed; atomic_path removes the file)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
