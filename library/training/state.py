@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.fileio import atomic_path, remove_atomic
@@ -108,7 +108,11 @@ def find_resume_dir(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def load_state(path: Path) -> tuple[Counters, dict[str, torch.Tensor], dict[str, Any]]:
-    trainable = load_file(str(path / "trainable.safetensors"))
-    payload = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    from library.models.safe_load import open_tensor_file, read_pickle_dict
+
+    # The checked readers: a damaged or hostile state file is a ModelFileError naming it, never a traceback.
+    f = open_tensor_file(path / "trainable.safetensors")
+    trainable = {k: f[k] for k in f}
+    payload = read_pickle_dict(path / "training_state.pt", "resume state")
     c = payload.pop("counters")
     return Counters(c["step"], c["epoch"], c["nan_steps"], c.get("extra", {})), trainable, payload
