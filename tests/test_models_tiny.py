@@ -1,5 +1,6 @@
 """Bundled configs, the CLIP vocabulary, tiny models and `tiny:` references (library/models/configs, tiny.py)."""
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -232,3 +233,39 @@ def test_library_tiny_rejects_an_unknown_family(tmp_path):
     run = subprocess.run([sys.executable, "-m", "library.tiny", "--family", "sd3", "--out", str(tmp_path / "x")],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "invalid choice" in run.stderr
+
+
+# --- the tiny VAE's colour codec (library/models/tiny_vae.py) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_tiny_vae_round_trips_the_8x8_block_colours(family):
+    """Encoding then decoding gives each 8x8 block's mean colour (so colours survive), latents * scaling_factor are
+    the documented colour transform, and sampling the latent distribution adds (almost) nothing."""
+    from library.models.tiny_vae import LATENT_STD
+
+    vae = build_tiny(family).vae
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 96, generator=g) * 2 - 1
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        mosaic = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 8), scale_factor=8)
+        assert torch.allclose(vae.decode(dist.mean).sample, mosaic, atol=1e-4)
+        assert torch.allclose(vae.decode(dist.sample(generator=g)).sample, mosaic, atol=1e-4)
+        red = torch.tensor([220, 40, 40]).div(127.5).sub(1).view(1, 3, 1, 1).expand(1, 3, 64, 64)
+        z = vae.encode(red).latent_dist.mean * vae.config.scaling_factor
+    r, gr, b = red[0, :, 0, 0].tolist()
+    expected = [(r + gr + b) / 3 ** 0.5, (r - b) / 2 ** 0.5, (r - 2 * gr + b) / 6 ** 0.5, (gr - b) / 2 ** 0.5]
+    assert torch.allclose(z[0, :, 0, 0], torch.tensor(expected) * LATENT_STD, atol=1e-4)
+
+
+def test_tiny_vae_codec_survives_fp16_and_bf16():
+    """Checkpoints are saved in fp16/bf16 and VAEs run in half precision: the codec's small weights keep colours
+    within a few levels of 255 there too."""
+    vae = build_tiny("sd1").vae
+    x = torch.tensor([[220, 40, 40], [40, 90, 230]]).div(127.5).sub(1).view(2, 3, 1, 1).expand(2, 3, 64, 64)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = copy.deepcopy(vae).to(dtype)
+        with torch.no_grad():
+            out = half.decode(half.encode(x.to(dtype)).latent_dist.mean).sample.float()
+        assert (out - x).abs().max() * 127.5 < 4, dtype

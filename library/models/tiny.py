@@ -2,7 +2,9 @@
 
 They keep each family's real block structure (so LDM/SGM key maps, LoRA naming and block-weighted merges see the
 same module paths as on a released model) and the real CLIP tokenizer, but with small channel counts and a /8 VAE
-with 16-32 channels, so that a training step at 64 px takes milliseconds on a CPU.
+with 16-32 channels, so that a training step at 64 px takes milliseconds on a CPU. The VAE's weights are set to a
+colour codec (each 8x8 block's mean colour; library/models/tiny_vae.py) so that what the UNet learns about colour
+shows in decoded samples; every other weight is random.
 
 References: `tiny:<name>[:<option>=<value>[,<option>=<value>]]`
     name     sd15 (alias sd1), sd2 (alias sd21), sdxl
@@ -28,11 +30,13 @@ from library.errors import ConfigError
 from library.models.configs import bundled_config_dir, bundled_config_for
 from library.models.families import Family, PredictionType
 from library.models.model import SDModel
+from library.models.tiny_vae import make_colour_codec
 from library.paths import cache_dir
 
 # Bump when the tiny architectures or their initialisation change, so stale cached folders are not reused.
 # v2: UNet widths (32, 64, 128[, 128]) -> (16, 32, 64[, 64]) (~8.5 M -> ~2.2 M parameters, ~4x faster steps).
-TINY_VERSION = 2
+# v3: the VAE is a colour codec (library/models/tiny_vae.py) instead of random weights that lose colour.
+TINY_VERSION = 3
 
 DEFAULT_PREDICTION: dict[str, PredictionType] = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 _NAMES: dict[str, Family] = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
@@ -166,6 +170,7 @@ def build_tiny(family: Family, seed: int = 0, prediction_type: PredictionType | 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(tiny_unet_config(family))
         vae = AutoencoderKL.from_config(tiny_vae_config(family))
+        make_colour_codec(vae)
         text_encoders = []
         for cfg in tiny_text_configs(family):
             cls = CLIPTextModelWithProjection if cfg["architectures"][0] == "CLIPTextModelWithProjection" else CLIPTextModel
