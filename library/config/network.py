@@ -123,12 +123,12 @@ class NetworkConfig:
                 raise ConfigError(f"network.{key} = {getattr(self, key)} must be in [0, 1)")
         if self.module in ("lora", "locon", "dora") and (self.rank_dropout or self.module_dropout):
             raise ConfigError(
-                f"network.rank_dropout / network.module_dropout are not supported for network_module = "
+                f"network.rank_dropout / network.module_dropout are not supported for network.network_module = "
                 f"'{self.network_module}' (peft implements them for loha and lokr only); use network.network_dropout"
             )
         if self.module in ("loha", "lokr") and self.network_dropout:
             raise ConfigError(
-                f"network.network_dropout is not supported for network_module = '{self.network_module}' "
+                f"network.network_dropout is not supported for network.network_module = '{self.network_module}' "
                 "(peft has no input dropout for LoHa/LoKr); use network.rank_dropout or network.module_dropout"
             )
         if self.block_alphas and not self.block_dims:
@@ -153,6 +153,7 @@ class NetworkConfig:
         if (self.loraplus_lr_ratio or self.loraplus_unet_lr_ratio or self.loraplus_text_encoder_lr_ratio) \
                 and self.module in ("loha", "lokr"):
             raise ConfigError("network.loraplus_lr_ratio applies to LoRA's up (B) matrices: use it with "
-                              "network_module = lora, locon or dora, not loha / lokr")
+                              "network.network_module = lora, locon or dora, not loha / lokr")
         if self.scale_weight_norms and self.module in ("dora",):
-            raise ConfigError("network.scale_weight_norms is not defined for DoRA (its magnitude is trained directly)")
+            raise ConfigError("network.scale_weight_norms is not defined for network.network_module = 'dora' (its magnitude "
+                              "is trained directly): remove one of them")
