@@ -345,21 +345,30 @@ def test_flops_counted_in_dispatch_equal_flop_counter_mode():
 
 
 def test_cuda_autocast_policy_runs_norms_in_fp32():
-    from library.estimate.step import _CudaLikeAutocast
+    from library.estimate.step import CudaAutocastPolicy
 
     x = torch.randn(2, 16, 4, 4, dtype=torch.bfloat16)
     w = torch.randn(8, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast keeps the norms in the input dtype
         assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16
-    autocast = _CudaLikeAutocast(torch.bfloat16)
-    for _ in range(2):  # re-enterable
-        with autocast:
+    with CudaAutocastPolicy():
+        assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16  # no autocast: nothing changes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.nn.functional.group_norm(x, 4).dtype == torch.float32
             assert torch.nn.functional.layer_norm(x, (4,)).dtype == torch.float32
             assert torch.softmax(x, -1).dtype == torch.float32
             assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16  # low-precision list unchanged
             assert torch.nn.functional.silu(x).dtype == torch.bfloat16  # on neither list: input dtype
-    assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16  # nothing left behind
+
+
+@pytest.mark.slow
+def test_checkpointed_step_recomputes_with_the_same_policy(tiny_sd1_configs):
+    # Checkpointing recomputes blocks in backward under autocast: the policy must still be active there, or the
+    # recomputed norms come out in half precision and torch.utils.checkpoint refuses them.
+    spec = EstimateSpec(family="sd1", config_dir=tiny_sd1_configs, method="full", resolution=(64, 64),
+                        mixed_precision="bf16", cache_latents=True, cache_text_outputs=True)
+    plain, checkpointed = estimate_step(spec), estimate_step(replace(spec, gradient_checkpointing=True))
+    assert checkpointed.flops > plain.flops  # the recomputed forward
 
 
 def test_cached_encoders_derived_from_phases_equal_measured(tiny_sd1_configs):
@@ -388,7 +397,8 @@ def test_memory_table_generator_and_block(tiny_sd1_configs):
     # Card sizes straddling the tiny model's need: too small even with every change, and as configured.
     needed = needed_bytes(estimate.peak) / GIB
     text = memory_table.table([("tiny full", spec)], sizes_gb=(0.001, round(needed + 0.01, 2)), log=None)
-    header, rule, row, blank, legend = text.splitlines()
+    intro, _, header, rule, row, blank, legend = text.splitlines()
+    assert intro.startswith("Memory of common recipes")
     assert header.startswith("| preset | tensors (W / G / O / A) | needs |") and rule == "|---|---|---|---|---|"
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "tiny full" and cells[2] == f"{needed:.1f} GiB" and cells[3:] == ["no", "yes"]
@@ -397,3 +407,17 @@ def test_memory_table_generator_and_block(tiny_sd1_configs):
     assert memory_table.replace_block(doc, "new") == f"intro\n{memory_table.START}\nnew\n{memory_table.END}\noutro\n"
     with pytest.raises(ValueError, match="memory-table:start"):
         memory_table.replace_block("no markers", "new")
+
+
+def test_readme_memory_table_has_a_row_per_preset():
+    # Regenerating it takes minutes (full-size models), so this checks its shape: one row per preset, in order,
+    # every card size answered. `python tools/memory_table.py --write README.md` rewrites it.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import memory_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split(memory_table.START, 1)[1].split(memory_table.END, 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()
+            if line.startswith("| ") and not line.startswith("| preset")]
+    assert [r[0] for r in rows] == [name for name, _ in memory_table.presets()]
+    assert all(len(r) == 3 + len(memory_table.SIZES_GB) and r[2].endswith(" GiB") for r in rows)

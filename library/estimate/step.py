@@ -7,12 +7,13 @@ import copy
 import functools
 import itertools
 import json
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
@@ -255,26 +256,26 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-class _CudaLikeAutocast:
-    """CPU autocast with CUDA autocast's float32 list (see CudaAutocastPolicy); re-enterable, as run_step uses one
-    for the text encoders and the UNet."""
+def checkpoint_with_policy(module: nn.Module, *args):
+    """diffusers' default gradient-checkpointing function (torch.utils.checkpoint, non-reentrant) with the block run
+    under CudaAutocastPolicy: the recomputation in backward runs without the caller's torch-function modes, and its
+    norms must come out fp32 as in the forward (torch.utils.checkpoint checks the recomputed dtypes)."""
+    def block(*inner):
+        with CudaAutocastPolicy():
+            return module(*inner)
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self._stack: list[ExitStack] = []
-
-    def __enter__(self) -> None:
-        stack = ExitStack()
-        stack.enter_context(torch.autocast("cpu", dtype=self.dtype))
-        stack.enter_context(CudaAutocastPolicy())
-        self._stack.append(stack)
-
-    def __exit__(self, *exc) -> None:
-        self._stack.pop().close()
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
 def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
              live: LiveBytes | None) -> dict[str, int]:
+    """One training step under CudaAutocastPolicy (checkpointed blocks: checkpoint_with_policy); see `_run_step`."""
+    with CudaAutocastPolicy():
+        return _run_step(model, spec, trained, optimizer, live)
+
+
+def _run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
+              live: LiveBytes | None) -> dict[str, int]:
     """One training step as library/training/loop.py runs it. Runs on fake or real tensors alike (tests run it on a
     real tiny model to check the estimate). Returns the gradient bytes and, with `live`, the step's phases: the
     peak of `live` during the VAE encode, the frozen text encoders' pass and the rest (UNet forward, backward and
@@ -292,7 +293,7 @@ def run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
 
     batch, (height, width) = spec.batch_size, spec.resolution
     unet, vae = model.unet, model.vae
-    autocast = (_CudaLikeAutocast(DTYPES[spec.mixed_precision]) if spec.mixed_precision != "no"
+    autocast = (torch.autocast("cpu", dtype=DTYPES[spec.mixed_precision]) if spec.mixed_precision != "no"
                 else nullcontext())
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if spec.cache_latents:
@@ -357,7 +358,7 @@ def measure(spec: EstimateSpec) -> StepMeasure:
         fakeify(resident, spec.trained_dtype(), spec.frozen_dtype(), fixed={id(model.vae): torch.float32})
     trained = list({id(p): p for m in resident for p in m.parameters() if p.requires_grad}.values())
     if spec.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+        model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_policy)
     model.unet.train()
     for te in model.text_encoders:
         te.train(spec.trains_text_encoder())
