@@ -3,12 +3,8 @@ offload run of train_native.py that saves a checkpoint our loader reads.
 """
 
 import math
-import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +15,7 @@ from library.config.run import RunConfig
 from library.config.train import DeepSpeedConfig
 from library.errors import ConfigError
 from library.training.deepspeed import check_optimizer, deepspeed_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.tinyrun import run_script, write_config
 
 
 def test_config_maps_our_tables_onto_deepspeed():
@@ -97,39 +92,12 @@ def test_resume_states_are_refused_before_training(tmp_path):
         _deepspeed_plugin(s, data=None)
 
 
-def native_toml(out: Path) -> str:
-    return f"""
-[model]
-pretrained_model_name_or_path = "tiny:sd15"
-[data]
-train_data_dir = "demo:shapes"
-resolution = 64
-batch_size = 2
-min_bucket_reso = 64
-max_bucket_reso = 128
-num_workers = 0
-cache_latents = true
-[train]
-max_train_steps = 3
-gradient_accumulation_steps = 2
-seed = 3
-[train.deepspeed]
-zero_stage = 2
-offload_optimizer = "cpu"
-[optimizer]
-learning_rate = 1e-3
-[scheduler]
-scheduler_type = "constant_with_warmup"
-warmup_steps = 1
-[save]
-output_dir = "{out}"
-output_name = "ds"
-save_precision = "fp32"
-save_state = false
-[log]
-log_with = "none"
-progress_bar = false
-"""
+def native_tables() -> dict:
+    return {"data": {"cache_latents": True},
+            "train": {"gradient_accumulation_steps": 2, "seed": 3,
+                      "deepspeed": {"zero_stage": 2, "offload_optimizer": "cpu"}},
+            "scheduler": {"scheduler_type": "constant_with_warmup", "warmup_steps": 1},
+            "save": {"output_name": "ds", "save_state": False}}
 
 
 @pytest.mark.slow
@@ -140,13 +108,10 @@ def test_zero2_cpu_offload_trains_and_saves_a_loadable_checkpoint(tmp_path):
     from library.models.load import load_model
     from library.models.tiny import resolve_model_ref
 
-    cfg = tmp_path / "ds.toml"
     out = tmp_path / "out"
-    cfg.write_text(native_toml(out))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cfg = write_config(tmp_path / "ds.toml", out, "native", **native_tables())
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "train_native.py", "--config", str(cfg)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = run_script("native", cfg, timeout=1500)
     print(f"DeepSpeed run: {time.perf_counter() - t0:.0f} s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     done = re.search(r"done: (\d+) steps, loss (\S+) \(first 10\) -> (\S+) \(last 10\)", proc.stderr)

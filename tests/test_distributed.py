@@ -8,57 +8,25 @@ accumulation steps runs the same two batches in one optimizer step. Batch noise 
 (library/training/loop.py), so both see identical data and noise and differ only by float summation order.
 """
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from library.training.state import list_states
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def config(out: Path) -> str:
-    return f"""
-[model]
-pretrained_model_name_or_path = "tiny:sd15"
-[data]
-train_data_dir = "demo:shapes"
-resolution = 64
-batch_size = 2
-min_bucket_reso = 64
-max_bucket_reso = 128
-num_workers = 0
-cache_latents = true
-[train]
-max_train_steps = 3
-seed = 5
-[optimizer]
-learning_rate = 1e-3
-[save]
-output_dir = "{out}"
-output_name = "run"
-save_precision = "fp32"
-[log]
-log_with = "none"
-progress_bar = false
-"""
+from tests.tinyrun import REPO, script_env, write_config
 
 
 def run(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(args, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(config(tmp_path / "out"))
+    cfg = write_config(tmp_path / "run.toml", tmp_path / "out", "lora", data={"cache_latents": True})
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     run([*launch, "train_lora.py", "--config", str(cfg), "--output_dir", str(tmp_path / "two")])
     run([sys.executable, "train_lora.py", "--config", str(cfg), "--output_dir", str(tmp_path / "one"),

@@ -3,7 +3,8 @@ checkpoint save or during sampling resumes from its last complete state, leaves 
 its output folder, and ends bit-identical (CPU) to an uninterrupted run.
 
 The kill is exact: the run SIGKILLs itself at the point named by SDTK_TEST_KILL_AT (library/training/faults.py), with
-no chance to clean up, as a power cut or the kernel's OOM killer. The uninterrupted reference is computed once per
+no chance to clean up, as a power cut or the kernel's OOM killer. The killed run is the script's main() in a forked
+copy of this process (the save kill: a subprocess, as users start it). The uninterrupted reference is computed once per
 method (in this process) and shared by that method's kill points: every method is killed during a step; LoRA (which
 prunes old results and states as it goes) during a save; the hypernetwork (whose dropout draws from the global RNG
 that sampling must leave alone) during sampling.
@@ -16,8 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from library.training import faults
 from library.training.state import list_states
-from tests.tinyrun import assert_outputs_intact, final_trainable, run_script, script_env, train_in_process, write_config
+from tests.tinyrun import (assert_outputs_intact, final_trainable, main_in_fork, run_script, script_env,
+                           train_in_process, write_config)
 
 STEPS = 6
 COMMON = {"train": {"max_train_steps": STEPS, "gradient_accumulation_steps": 2, "ema": True},
@@ -53,12 +56,20 @@ def reference(tmp_path_factory):
     return get
 
 
-def killed_run(tmp_path: Path, method: str, kill_at: str) -> tuple[Path, Path]:
-    """The method's script in a subprocess, SIGKILLed by itself at `kill_at`; (config, output folder)."""
+def killed_run(tmp_path: Path, method: str, kill_at: str, subprocess: bool = False) -> tuple[Path, Path]:
+    """The method's script, SIGKILLed by itself at `kill_at`; (config, output folder).
+
+    It runs in a forked copy of this process (no second import of torch and diffusers) or, as users run it, in a
+    subprocess.
+    """
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "run.toml", out, method, **tables(method))
-    proc = run_script(method, cfg, env=script_env(SDTK_TEST_KILL_AT=kill_at))
-    assert proc.returncode == -signal.SIGKILL, f"not killed at {kill_at}: {proc.stderr[-3000:]}"
+    if subprocess:
+        proc = run_script(method, cfg, env=script_env(**{faults.KILL_AT: kill_at}))
+        code, err = proc.returncode, proc.stderr[-3000:]
+    else:
+        code, err = main_in_fork(method, cfg, env={faults.KILL_AT: kill_at}), "(stderr above)"
+    assert code == -signal.SIGKILL, f"not killed at {kill_at} (exit code {code}): {err}"
     return cfg, out
 
 
@@ -92,7 +103,7 @@ def test_sigkill_during_a_step_then_resume_is_bit_identical(tmp_path, reference,
 
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_then_resume_is_bit_identical(tmp_path, reference):
-    cfg, out = killed_run(tmp_path, "lora", "save:4")
+    cfg, out = killed_run(tmp_path, "lora", "save:4", subprocess=True)  # one run exactly as users start it
     # The step-4 result is complete (written first, atomically); the step-4 state is half written under its
     # temporary name, so the step-2 state is the newest complete one.
     assert [p.name for p in list_states(out)] == ["step-00000002"]

@@ -3,6 +3,8 @@ as users do, in a subprocess), and a check that every file a run left in its out
 
     path = write_config(tmp_path / "run.toml", tmp_path / "out", "lora", train={"max_train_steps": 4})
     result = train_in_process("lora", path)                 # library.training.run.run_training
+    code = main_in_process("lora", path, "--train.seed=3")   # train_lora.main([...]): its exit code
+    code = main_in_fork("lora", path, env={...})            # the same in a forked process (to be killed)
     proc = run_script("lora", path, "--save.save_state=false")  # python train_lora.py --config ...
 """
 
@@ -96,6 +98,28 @@ def train_in_process(method: str, cfg_path: Path, method_cls: type | None = None
 def main_in_process(method: str, cfg_path: Path, *args: str) -> int:
     """The script's main() (command line, error guard and all) in this process; its exit code."""
     return script_module(method).main(["--config", str(cfg_path), *args])
+
+
+def main_in_fork(method: str, cfg_path: Path, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 900) -> int:
+    """The script's main() in a forked copy of this process, with `env` added to its environment; its exit code
+    (negative: the signal that ended it). As a subprocess, minus the seconds of importing torch and diffusers again.
+    """
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_main_with_env, args=(method, cfg_path, args, env or {}))
+    proc.start()
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"{SCRIPTS[method].file} did not finish in {timeout} s")
+    return proc.exitcode
+
+
+def _main_with_env(method: str, cfg_path: Path, args: tuple, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    sys.exit(main_in_process(method, cfg_path, *args))
 
 
 def script_env(**extra: str) -> dict[str, str]:
