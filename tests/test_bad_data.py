@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from library.config.data import DataConfig
@@ -50,7 +52,7 @@ SKIPPED = {
     "corrupt.png": r"not a readable image \(UnidentifiedImageError\)",
     "truncated.jpg": r"truncated \(no JPEG end marker",
     "empty.png": r"empty file \(0 bytes\)",
-    "animated.gif": r"not a supported image type \(\.gif\)",
+    "animated.gif": r"not a supported image type \(\.gif\); save the frame you want as \.png",
     "bomb.png": r"not a readable image \(DecompressionBombError\)",
 }
 
@@ -121,7 +123,7 @@ def test_usable_odd_formats_index_and_decode_unusable_files_are_listed(tmp_path,
     skipped = {p.name: why for p, why in index.skipped}
     assert set(skipped) == set(SKIPPED)
     for name, pattern in SKIPPED.items():
-        assert __import__("re").search(pattern, skipped[name]), (name, skipped[name])
+        assert re.search(pattern, skipped[name]), (name, skipped[name])
     err = capsys.readouterr().err
     assert f"skipped {len(SKIPPED)} unusable image file(s)" in err
     assert all(f"{folder / name}: " in err for name in SKIPPED)  # each file named with its reason
@@ -137,6 +139,30 @@ def test_usable_odd_formats_index_and_decode_unusable_files_are_listed(tmp_path,
     assert rot.shape == (96, 64, 3)  # displayed upright: 64 wide, 96 high
     assert np.abs(rot[:12, :] - RED).max() < 40 and rot[24:, :].max() < 40  # the stripe is on top
     assert index.items and all(it.placement.bucket == (64, 64) for it in index.items if it.header.size == (64, 64))
+
+
+def test_file_damaged_inside_is_replaced_by_an_image_of_its_bucket(tmp_path, capsys):
+    from library.data.loader import build_train_data
+
+    folder = tmp_path / "mixed"
+    make_bad_folder(folder, huge=False)
+    cfg = DataConfig(train_data_dir=str(folder), resolution=64, min_bucket_reso=64, max_bucket_reso=128, batch_size=2)
+    data = build_train_data(cfg, default_resolution=64, seed=0)
+    dataset = data.loader.dataset
+    items = data.index.items
+    e = next(e for e, ii in enumerate(dataset.entries) if items[ii].path.name == "damaged_inside.png")
+    capsys.readouterr()
+    sample = dataset[(0, e)]
+    again = dataset[(0, e)]
+    err = capsys.readouterr().err
+    m = re.search(rf"warning: skipped {re.escape(str(folder / 'damaged_inside.png'))} while training: cannot decode "
+                  r".*; (\S+) of the same bucket stands in for it", err)
+    assert m and err.count("warning: skipped") == 1, err  # named once
+    stand_in = next(it for it in items if it.path.name == m.group(1))
+    assert stand_in.placement.bucket == (64, 64) and stand_in.path.name != "damaged_inside.png"
+    assert sample["caption"] == stand_in.captions[0]  # the stand-in brings its own caption
+    assert torch.equal(sample["pixels"], again["pixels"]) and sample["pixels"].shape == (3, 64, 64)  # deterministic
+    assert sum(len(b["captions"]) for b in data) == len(dataset)  # a whole epoch runs, every sample present
 
 
 CHILD = r"""
@@ -193,9 +219,9 @@ log_with = "none"
     assert f"skipped {len(SKIPPED)} unusable image file(s)" in err
     for name, pattern in SKIPPED.items():
         line = next(ln for ln in err.splitlines() if f"{folder / name}: " in ln)
-        assert __import__("re").search(pattern, line), line
+        assert re.search(pattern, line), line
     # the file damaged inside is named when training reaches it, and an image of its bucket stands in for it
-    assert __import__("re").search(rf"warning: skipped {folder / 'damaged_inside.png'} while training: cannot "
+    assert re.search(rf"warning: skipped {folder / 'damaged_inside.png'} while training: cannot "
                                    r"decode .*; \S+ of the same bucket stands in for it", err), err[-3000:]
     for name in usable:
         if name != "damaged_inside.png":
