@@ -270,9 +270,10 @@ def test_full_size_sanity():
     """SD1.5 LoRA 512 px batch 1 fp16 (the public 6-8 GB is for that recipe) and SDXL full fine-tune with fp32 AdamW
     (must not fit 24 GB)."""
     sd15 = estimate_step(EstimateSpec(family="sd1", method="lora", resolution=(512, 512), mixed_precision="fp16"))
-    # Measured 3.23 GiB of tensors (weights 1.8 GiB fp16 UNet + text encoder + fp32 VAE), 4.2 GiB with the
-    # allowance: below the public 6-8 GB, which are nvidia-smi readings of sd-scripts runs (see the report).
-    assert 3.0 * GIB < sd15.peak < 3.5 * GIB
+    # Measured 3.47 GiB of tensors (weights 2.15 GiB: fp16 UNet and text encoder, fp32 VAE; activations 1.29 GiB
+    # with CUDA autocast's fp32 norms), 4.49 GiB with the allowance: below the public 6-8 GB, which are nvidia-smi
+    # readings of other trainers' runs (bench/results/estimate.json, README memory table).
+    assert 3.3 * GIB < sd15.peak < 3.7 * GIB
     sdxl = estimate_step(EstimateSpec(family="sdxl", method="full", resolution=(1024, 1024), mixed_precision="no",
                                       cache_latents=True, cache_text_outputs=True))
     assert sdxl.trained_params == 2_567_463_684
