@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.fileio import OutputWriteError, atomic_path
+from library.fileio import OutputWriteError, atomic_path, recover_interrupted_writes, remove_atomic
 from library.training import faults
 from library.training.state import list_states, load_state
 from tests.tinyrun import (assert_outputs_intact, final_trainable, main_in_process, merge, method_class,
@@ -76,6 +76,43 @@ def test_an_error_that_is_not_the_disk_stays_itself(tmp_path):
         with atomic_path(tmp_path / "x.bin") as tmp:
             tmp.write_bytes(b"partial")
             raise ValueError("a bug in a writer")
+    assert os.listdir(tmp_path) == []
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_a_killed_writer_are_removed_or_restored(tmp_path):
+    dead, alive = dead_pid(), os.getpid()
+    (tmp_path / "state").mkdir()
+    (tmp_path / f".run.safetensors.tmp-{dead}").write_bytes(b"half")  # killed while writing a file
+    (tmp_path / "state" / f".step-00000004.tmp-{dead}").mkdir()  # ... a folder
+    (tmp_path / "state" / f".step-00000004.tmp-{dead}" / "trainable.safetensors").write_bytes(b"x")
+    (tmp_path / f".diffusers.old-{dead}").mkdir()  # killed between the two renames of a folder replacement
+    (tmp_path / f".diffusers.old-{dead}" / "model_index.json").write_text("{}")
+    (tmp_path / f".other.old-{dead}").mkdir()  # ... after the second one: the new folder is in place
+    (tmp_path / "other").mkdir()
+    (tmp_path / f".mine.tmp-{alive}").write_bytes(b"being written")  # a live writer's: untouched
+    (tmp_path / ".hidden-user-file").write_bytes(b"not ours")
+
+    touched = recover_interrupted_writes(tmp_path)
+    assert len(touched) == 4
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        [".hidden-user-file", f".mine.tmp-{alive}", "diffusers", "model_index.json", "other", "state"])
+    assert (tmp_path / "diffusers" / "model_index.json").read_text() == "{}"
+    assert recover_interrupted_writes(tmp_path) == []
+
+
+def test_remove_atomic_leaves_nothing_under_the_name(tmp_path):
+    folder = tmp_path / "step-00000002"
+    folder.mkdir()
+    (folder / "done").write_text("complete\n")
+    remove_atomic(folder)
     assert os.listdir(tmp_path) == []
 
 
