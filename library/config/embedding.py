@@ -55,7 +55,7 @@ class EmbeddingConfig:
             raise ConfigError("embedding.init_word is empty: name a word close to the concept (e.g. 'cat'), "
                               "or set embedding.init_from to an embedding file")
         if self.replace_word and token in self.replace_word:
-            raise ConfigError(f"embedding.replace_word {self.replace_word!r} contains embedding.token_string {token!r}: "
+            raise ConfigError(f"embedding.replace_word {self.replace_word!r} contains the token string {token!r} (embedding.token_string): "
                               "captions would be rewritten endlessly; choose another replace_word")
         if self.replace_word and self.captions != "caption":
             raise ConfigError(f"embedding.replace_word is only used with embedding.captions = 'caption' "

@@ -155,5 +155,5 @@ class NetworkConfig:
             raise ConfigError("network.loraplus_lr_ratio applies to LoRA's up (B) matrices: use it with "
                               "network.network_module = lora, locon or dora, not loha / lokr")
         if self.scale_weight_norms and self.module in ("dora",):
-            raise ConfigError("network.scale_weight_norms is not defined for network.network_module = 'dora' (its magnitude "
-                              "is trained directly): remove one of them")
+            raise ConfigError("network.scale_weight_norms is not defined for DoRA (network.network_module = 'dora'; its "
+                              "magnitude is trained directly): remove one of them")

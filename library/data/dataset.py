@@ -307,12 +307,6 @@ def _read_headers(paths: list[Path]) -> list[ImageHeader | BadImage]:
         return [h for part in parts for h in part]
 
 
-def _unsupported_reason(p: Path) -> str:
-    # GIF is not read (sd-scripts' IMAGE_EXTENSIONS leave it out too): an animation has no one image to train on.
-    hint = "; save the frame you want as .png" if p.suffix.lower() == ".gif" else ""
-    return f"not a supported image type ({p.suffix or 'no extension'}){hint}"
-
-
 def _scan_folder(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[ImageItem]:
     root = Path(s.image_dir)
     if not root.is_dir():
@@ -321,7 +315,8 @@ def _scan_folder(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[Imag
     files = [root / n for n in names]
     paths = [p for p in files if is_image_file(p)]
     sidecars = SIDECAR_EXTENSIONS | {s.caption_extension.lower()}
-    index.skipped.extend((p, _unsupported_reason(p)) for p in files
+    # GIF is not read, as in sd-scripts' IMAGE_EXTENSIONS: an animation has no one image to train on.
+    index.skipped.extend((p, f"not a supported image type ({p.suffix or 'no extension'})") for p in files
                          if not is_image_file(p) and p.suffix.lower() not in sidecars)
     headers = _read_headers(paths)
     present = set(names)  # caption lookups against the listing, not one stat per image
