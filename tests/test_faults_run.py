@@ -259,3 +259,20 @@ def test_a_dataloader_worker_that_dies_or_fails_stops_with_one_line_and_the_last
     states = list_states(out)
     assert states and states[-1].name < "step-00000012"
     assert_outputs_intact(out)
+
+
+@pytest.mark.parametrize("max_grad_norm, stepped", [(1.0, False), (0.0, True)])
+def test_overflowing_gradients_with_a_finite_loss_skip_the_step_when_clipping(max_grad_norm, stepped):
+    """With clipping on, the gradient norm it computes anyway drops a step whose gradients overflowed; without it,
+    such weights are caught at the next save (test_overflowing_weights_are_never_saved)."""
+    from accelerate import Accelerator
+
+    from library.training.setup import ManualSteps
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    steps = ManualSteps(Accelerator(cpu=True), optimizer, None, [weight], 1, max_grad_norm)
+    weight.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert steps.step(all_finite=True) is stepped
+    assert weight.grad is None
+    assert torch.equal(weight.detach(), torch.ones(3)) is not stepped

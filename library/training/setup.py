@@ -86,10 +86,15 @@ class ManualSteps:
             self.accelerator.backward(loss)
 
     def step(self, all_finite: bool) -> bool:
-        """Clip and step when every loss was finite; returns whether the weights were updated."""
+        """Clip and step when every loss was finite; returns whether the weights were updated.
+
+        With clipping on, the total gradient norm comes for free: a non-finite one (finite loss, overflowing
+        gradients) drops the step too, instead of writing NaN into the weights.
+        """
+        if all_finite and self.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+            all_finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
         if all_finite:
-            if self.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return all_finite
