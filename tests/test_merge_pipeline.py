@@ -1,6 +1,7 @@
 """The pipelined merge: read / merge / write overlap on threads but keep order, exact values and bounded memory; a
 failure in any stage reaches the caller and leaves no output behind; per-tensor memory maps never change the input."""
 
+import os
 import threading
 import time
 
@@ -14,7 +15,12 @@ from library.config.merge import MergeRecipe
 from library.merge import stream
 from library.merge.pipeline import run_pipeline
 from library.merge.recipe import OutputRing, read_order, run_recipe
-from library.merge.stream import SafetensorsFile, SafetensorsWriter, open_source
+from library.merge.stream import (
+    DirectSafetensorsWriter,
+    SafetensorsFile,
+    SafetensorsWriter,
+    open_source,
+)
 from library.models.tiny import resolve_model_ref
 
 
@@ -175,11 +181,15 @@ def test_merge_of_single_files_is_exact_and_in_file_order(tmp_path):
         assert torch.equal(written.read(k), want)
 
 
-def test_failed_merge_leaves_no_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", [SafetensorsWriter, DirectSafetensorsWriter])
+def test_failed_merge_leaves_no_output(tmp_path, monkeypatch, writer):
+    # The direct writer's logic runs on any file system with a harmless flag in place of O_DIRECT; 0: no O_DIRECT.
+    monkeypatch.setattr(stream, "_O_DIRECT", os.O_CLOEXEC if writer is DirectSafetensorsWriter else 0)
+    threads_before = threading.active_count()
     a, b = _single_file_pair(tmp_path)
     out = tmp_path / "out" / "m.safetensors"
     calls = [0]
-    real_write = SafetensorsWriter.write
+    real_write = writer.write
 
     def failing_write(self, key, tensor):
         calls[0] += 1
@@ -187,10 +197,54 @@ def test_failed_merge_leaves_no_output(tmp_path, monkeypatch):
             raise RuntimeError("writer failed")
         real_write(self, key, tensor)
 
-    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(writer, "write", failing_write)
     cfg = load_config(MergeRecipe, {"merge": {"model_a": str(a), "model_b": str(b)},
                                     "output": {"path": str(out), "precision": "fp16"}})
     with pytest.raises(RuntimeError, match="writer failed"):
         run_recipe(cfg, "recipe", progress=False)
     assert calls[0] == 3  # nothing written after the failure
     assert list(out.parent.iterdir()) == []  # no output, no temporary file
+    assert threading.active_count() == threads_before  # the direct writer's I/O thread ended too
+
+
+def test_prefetch_reads_inputs_into_the_page_cache(tmp_path, monkeypatch):
+    from library.merge import prefetch
+
+    monkeypatch.setattr(prefetch, "STEP", 1 << 16)
+    monkeypatch.setattr(prefetch, "PREFETCH_BYTES", 3 << 16)  # the first 192 KiB of each input, no more
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"x": torch.randn(1 << 17)}, str(path))  # 512 KiB
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        paths.append(path)
+    if max(prefetch.cached_fraction(p) for p in paths) > 0.05:
+        pytest.skip("this file system keeps the files cached (tmpfs?)")
+    thread = prefetch.start_prefetch([str(paths[0]), "tiny:sd15", str(tmp_path / "missing.safetensors"),
+                                      str(paths[1])])
+    assert thread is not None
+    thread.join(timeout=30)
+    pages = [-(-p.stat().st_size // 4096) for p in paths]  # 129: 512 KiB and the header
+
+    def cached_pages():
+        return [round(prefetch.cached_fraction(p) * n) for p, n in zip(paths, pages)]
+
+    deadline = time.monotonic() + 10  # readahead may complete after the hint returns
+    while time.monotonic() < deadline and min(cached_pages()) < 48:
+        time.sleep(0.05)
+    assert all(48 <= c < 96 for c in cached_pages())  # the first 192 KiB (48 pages), readahead may round up a little
+    assert prefetch.start_prefetch(["tiny:sd15", str(tmp_path)]) is None  # nothing to prefetch
+
+
+def test_prefetch_input_refs_by_mode():
+    from library.merge.prefetch import input_refs
+
+    def refs(**merge):
+        return input_refs(load_config(MergeRecipe, {"merge": merge, "output": {"path": "o.safetensors"}}))
+
+    assert refs(model_a="a", model_b="b") == ["a", "b"]
+    assert refs(mode="add_difference", model_a="a", model_b="b", model_c="c") == ["a", "b", "c"]
+    assert refs(mode="ties", model_a="a", models=["x", "y"]) == ["a", "x", "y"]

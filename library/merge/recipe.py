@@ -27,7 +27,7 @@ from library.merge import modes
 from library.merge.blocks import block_slot, parse_block_alphas
 from library.merge.pipeline import run_pipeline
 from library.merge.stream import (IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, SafetensorsWriter, TensorSource,
-                                   folder_parts, open_source)
+                                   folder_parts, open_source, open_writer)
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
 from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
@@ -146,16 +146,18 @@ def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, Elementw
 
 
 def merge_key(key: str, tensors: Sequence[torch.Tensor], combine: Combine, elementwise: Elementwise,
-              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None, ring: OutputRing | None = None
-              ) -> torch.Tensor:
+              dtype: torch.dtype, work: Sequence[torch.Tensor] | None = None, ring: OutputRing | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """One key's merged tensor in `dtype`, computed in float32 (in chunks when the mode is elementwise; in one call
     on the stored tensors for a single-op mode whose inputs are already in `dtype`).
 
     `work`: len(tensors) + 1 float32 buffers of CHUNK elements (`work_buffers`), reused for every chunk and key so
     the merge does not allocate (and page-fault in) fresh float32 memory per chunk. `ring`: where the result goes
-    (valid until the ring comes round to its buffer again), for the same reason.
+    (valid until the ring comes round to its buffer again), for the same reason. `out`: where the result goes
+    instead (the output writer's own memory), of `dtype` and the inputs' shape.
     """
-    out = ring.take(tensors[0].shape, dtype) if ring is not None else torch.empty(tensors[0].shape, dtype=dtype)
+    if out is None:
+        out = ring.take(tensors[0].shape, dtype) if ring is not None else torch.empty(tensors[0].shape, dtype=dtype)
     if elementwise == "single_op" and all(t.dtype == dtype for t in tensors):
         return combine(key, tensors, out)  # one pass, float32 inside the op: no chunks, no float32 copies
     if not elementwise:
@@ -225,7 +227,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
     bar = _progress(total, progress, f"merging {len(sources)} models")
     with atomic_path(out_path) as tmp:
         if fmt == "single_file":
-            sink: Any = SafetensorsWriter(tmp, specs, metadata)
+            sink: Any = open_writer(tmp, specs, metadata)  # O_DIRECT where the file system takes it
         else:
             sink = DiffusersSink(tmp, specs, _config_dir(sources, cfg), a.family, recipe_text)
         work = work_buffers(len(sources)) if elementwise else None
@@ -234,7 +236,8 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
         def compute(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
             e = a.entries[key]
             if is_weight(key, e.dtype, e.shape):
-                return merge_key(key, tensors, combine, elementwise, dtype, work, ring)
+                # Built in the writer's staging memory when it offers it (O_DIRECT output): no copy after this.
+                return merge_key(key, tensors, combine, elementwise, dtype, work, ring, out=sink.buffer(key))
             return tensors[0].to(specs[key][0])  # may alias the read buffer: it stays untouched until written
 
         def write(key: str, value: torch.Tensor) -> None:
@@ -257,7 +260,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
             bar.close()
     if timings is not None:
         timings.update(read_s=stages.read_s, compute_s=stages.compute_s, write_s=stages.write_s,
-                       fsync_s=sink.fsync_s, pipeline_wall_s=stages.wall_s,
+                       fsync_s=sink.fsync_s, pipeline_wall_s=stages.wall_s, direct_write=float(sink.direct),
                        write_merge_wall_s=time.perf_counter() - t_start)
     return out_path
 
@@ -367,6 +370,13 @@ class DiffusersSink:
     @property
     def fsync_s(self) -> float:
         return sum(w.fsync_s for w in self._opened)
+
+    @property
+    def direct(self) -> bool:
+        return bool(self._opened) and all(w.direct for w in self._opened)
+
+    def buffer(self, key: str) -> None:
+        return None  # keys are split into diffusers tensors on the way: built elsewhere
 
     def close(self) -> None:
         for w in self._opened:
