@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if flags.print_config:
         print(recipe, end="")
         return 0
+    if not flags.dry_run:
+        from library.merge.prefetch import input_refs, start_prefetch
+
+        start_prefetch(input_refs(cfg))  # the disk reads while torch is imported
     from library.merge.recipe import run_recipe
 
     timings: dict[str, float] = {}

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from library.fileio import write_text_atomic  # noqa: E402
+from library.merge.prefetch import cached_fraction  # noqa: E402
 
 NEED_BYTES = 30 * 1024**3
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,29 +124,6 @@ def evict(*paths: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def cached_fraction(path: Path) -> float:
-    """The share of the file's pages in the page cache (mincore(2) on a map of the file; nothing is read)."""
-    import ctypes
-    import mmap
-
-    size = path.stat().st_size
-    if size == 0:
-        return 1.0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    page = mmap.PAGESIZE
-    pages = (size + page - 1) // page
-    vec = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        anchor = ctypes.c_char.from_buffer(m)
-        try:
-            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-        finally:
-            del anchor
-    return sum(v & 1 for v in vec) / pages
 
 
 def time_cat(*paths: Path) -> float:
