@@ -26,7 +26,7 @@ from library.estimate.memory import (
     rederive,
 )
 from library.estimate.report import describe, report
-from library.estimate.step import StepMeasure, run_step, setup_method
+from library.estimate.step import StepMeasure, checkpoint_with_policy, run_step, setup_method
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure arithmetic.
@@ -176,6 +176,8 @@ def _real_peaks(spec: EstimateSpec) -> tuple[int, int]:
             frozen = torch.float32 if root is model.vae else spec.frozen_dtype()
             p.data = p.data.to(spec.trained_dtype() if p.requires_grad else frozen)
     trained = list({id(p): p for r in resident for p in r.parameters() if p.requires_grad}.values())
+    if spec.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_policy)
     model.unet.train()
     for te in model.text_encoders:
         te.train(spec.trains_text_encoder())
@@ -363,13 +365,23 @@ def test_cuda_autocast_policy_runs_norms_in_fp32():
 
 
 @pytest.mark.slow
-def test_checkpointed_step_recomputes_with_the_same_policy(tiny_sd1_configs):
-    # Checkpointing recomputes blocks in backward under autocast: the policy must still be active there, or the
-    # recomputed norms come out in half precision and torch.utils.checkpoint refuses them.
-    spec = EstimateSpec(family="sd1", config_dir=tiny_sd1_configs, method="full", resolution=(64, 64),
-                        mixed_precision="bf16", cache_latents=True, cache_text_outputs=True)
-    plain, checkpointed = estimate_step(spec), estimate_step(replace(spec, gradient_checkpointing=True))
-    assert checkpointed.flops > plain.flops  # the recomputed forward
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads glibc's mallinfo2")
+def test_fake_estimate_matches_real_checkpointed_step(tiny_sd1_configs):
+    # Gradient checkpointing recomputes blocks in backward under autocast (with the CUDA policy: the recomputed norms
+    # must be fp32 again, or torch.utils.checkpoint refuses them). A FlopCounterMode around the step, as the estimate
+    # once ran, kept checkpointed activations alive (measured peak +24% on this model): FLOPs are counted in LiveBytes.
+    spec = EstimateSpec(family="sd1", config_dir=tiny_sd1_configs, method="lora", resolution=(256, 256),
+                        batch_size=4, mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
+                        cache_text_outputs=True, network=NetworkConfig(network_dim=8, train_unet_only=True))
+    estimate = estimate_step(spec)
+    storages, malloc = _real_peaks(spec)
+    # The real run also keeps each checkpoint's saved CPU RNG state (5 KB a block; host memory on a GPU too).
+    assert estimate.peak == pytest.approx(storages, rel=5e-3)
+    # glibc's peak is higher here: 29.2 MB against 25.4 MB of tensors (measured). Unlike the un-checkpointed step
+    # (within 5%, test above), the gap is not yet explained (kernel-internal buffers? host-side autograd objects of
+    # the recomputation?), so only the direction is asserted: the estimate is a lower bound for checkpointed steps.
+    assert storages <= malloc
+    assert estimate.peak < estimate_step(replace(spec, gradient_checkpointing=False)).peak
 
 
 def test_cached_encoders_derived_from_phases_equal_measured(tiny_sd1_configs):
