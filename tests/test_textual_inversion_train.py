@@ -141,44 +141,32 @@ def redness(images) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="UNFINISHED: the acceptance colour shift is not shown yet. On the natively fine-tuned tiny "
-                          "base, 'a <tok> on a white background' samples are red-biased already with the token "
-                          "initialised from 'blue' (mean R-B 55.9) and fall to 35.4 after 150 TI steps on demo:red, "
-                          "though the TI loss drops 0.135 -> 0.083", strict=False)
 def test_token_learns_the_colour_of_its_concept(tmp_path):
-    """On a base that knows colours (the tiny model fine-tuned on demo:shapes, as in test_train_native), only the
+    """On a base that knows colours (tests/colour_base.py: the tiny model fine-tuned on demo:shapes), only the
     token trains, starting from "blue", on red shapes whose captions never say 'red': samples of the token go from
     blue to red.
 
     (A random tiny UNet is no base for this: its output hardly depends on the text, so no embedding shifts it.)
+    Measured: mean R - B -51 before, +121 after (8 seeds; 0-255 scale).
     """
-    from library.config.run import RunConfig
     from library.networks import embeddings as ti
     from library.training.sample import SamplePrompt, generate
-    from train_native import NativeFineTune
+    from tests.colour_base import colour_base
 
-    base_cfg = load_config(RunConfig, {
-        "model": {"pretrained_model_name_or_path": "tiny:sd15"},
-        "data": {"train_data_dir": "demo:shapes", "resolution": 64, "batch_size": 4, "min_bucket_reso": 64,
-                 "max_bucket_reso": 128, "num_workers": 0},
-        "train": {"max_train_steps": 300, "seed": 1}, "optimizer": {"learning_rate": 1e-3},
-        "save": {"output_dir": str(tmp_path / "base"), "output_name": "base", "save_precision": "fp32",
-                 "save_state": False},
-        "log": {"progress_bar": False}}, source="test")
-    base = run_training(base_cfg, NativeFineTune(base_cfg), script="train_native.py").result_path
-    model_ref = {"pretrained_model_name_or_path": str(base), "config_dir": str(resolve_model_ref("tiny:sd15"))}
-
+    model_ref = colour_base()
     cfg = ti_cfg(tmp_path, "sd15", 150, model=model_ref, data={"batch_size": 4},
                  embedding={"num_vectors_per_token": 2, "init_word": "blue"},
                  optimizer={"learning_rate": 5e-2, "weight_decay": 0.0},
                  save={"save_state": False})
     result = run_training(cfg, TextualInversion(cfg), script="train_textual_inversion.py")
     prompts = [SamplePrompt(f"a {TOKEN} on a white background", width=64, height=64, steps=15, cfg_scale=4.0, seed=i)
-               for i in range(4)]
+               for i in range(6)]
     before, after = load_model(cfg.model), load_model(cfg.model)
     ti.add_token(before.tokenizers[0], before.text_encoders[0], TOKEN, 2, "blue")
     (vectors,) = ti.embedding_vectors(ti.read_embedding_file(result.result_path), "sd1", [48], "result")
     ti.add_token(after.tokenizers[0], after.text_encoders[0], TOKEN, 2, "", vectors)
-    red_before = redness(generate(before, prompts, sampler="euler_a", base_seed=0))
-    red_after = redness(generate(after, prompts, sampler="euler_a", base_seed=0))
-    assert red_before < 0 and red_after - red_before > 20, (red_before, red_after)  # mean (R - B) on a 0-255 scale
+    images_before = generate(before, prompts, sampler="euler_a", base_seed=0)
+    images_after = generate(after, prompts, sampler="euler_a", base_seed=0)
+    shifts = [redness([a]) - redness([b]) for b, a in zip(images_before, images_after)]
+    assert redness(images_before) < 0, redness(images_before)  # the token starts as "blue"
+    assert min(shifts) > 0 and np.mean(shifts) > 50, shifts  # mean (R - B) on a 0-255 scale

@@ -69,22 +69,22 @@ def redness(images) -> float:
 
 
 @pytest.mark.slow
-def test_native_learns_a_colour_concept(tmp_path):
-    """300 steps on the red demo shapes lower the loss and make the samples of their captions redder than the base
-    model's. (Red-vs-blue prompt conditioning is not shown by the tiny model yet: see the closing note of issue 4.)"""
-    from library.config.model import ModelConfig
-    from library.models.load import load_model
+def test_native_learns_colours_from_the_captions(tmp_path):
+    """Acceptance (issue 4): 300 steps on the demo shapes lower the loss, and samples of "a red ..." prompts come out
+    redder than samples of "a blue ..." prompts with the same seeds: the UNet learned to read the colour word."""
     from library.training.sample import SamplePrompt, generate
 
-    cfg = native_cfg(tmp_path, 300, data={"train_data_dir": "demo:red", "cache_latents": True},
-                     save={"save_state": False})
+    cfg = native_cfg(tmp_path, 300, data={"cache_latents": True}, save={"save_state": False})
     result = run_training(cfg, NativeFineTune(cfg), script="train_native.py")
     first, last = np.mean(result.losses[:30]), np.mean(result.losses[-30:])
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.5 * first, (first, last)  # measured: 0.72 -> 0.15
 
-    prompts = [SamplePrompt(f"a {s} on a white background", width=64, height=64, steps=15, cfg_scale=4.0, seed=i)
-               for i, s in enumerate(["circle", "square", "triangle"])]
-    trained = redness(generate(result.model, prompts, sampler="euler_a", base_seed=0))
-    base = redness(generate(load_model(ModelConfig(pretrained_model_name_or_path="tiny:sd15")), prompts,
-                            sampler="euler_a", base_seed=0))
-    assert trained - base > 8, (trained, base)  # mean (R - B) on a 0-255 scale (measured: 22 -> 35)
+    def samples(colour):
+        prompts = [SamplePrompt(f"a {colour} {shape} on a white background", width=64, height=64, steps=15,
+                                cfg_scale=4.0, seed=i) for i, shape in enumerate(["circle", "square", "triangle", "star"])]
+        return generate(result.model, prompts, sampler="euler_a", base_seed=0)
+
+    red, blue = samples("red"), samples("blue")
+    per_seed = [redness([r]) - redness([b]) for r, b in zip(red, blue)]
+    # mean (R - B) on a 0-255 scale; measured per seed: 62, 83, 103, 73 (red minus blue)
+    assert min(per_seed) > 0 and np.mean(per_seed) > 30, per_seed
