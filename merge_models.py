@@ -39,7 +39,8 @@ ALIASES = {
     "new_rank": "extract.rank",
 }
 EXTRA_FLAGS = {"no_progress": "do not show the progress bar",
-               "timings": "print where a merge's time went (read, merge, write, fsync seconds) as JSON on stderr"}
+               "timings": "print where a merge's time went (read, merge, write, fsync seconds) as JSON on stderr",
+               "no_prefetch": "do not read the inputs' first GBs into the page cache while starting up"}
 
 
 @main_guard
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if flags.print_config:
         print(recipe, end="")
         return 0
-    if not flags.dry_run:
+    if not flags.dry_run and not flags.extra["no_prefetch"]:
         from library.merge.prefetch import input_refs, start_prefetch
 
         start_prefetch(input_refs(cfg))  # the disk reads while torch is imported

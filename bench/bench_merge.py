@@ -10,13 +10,16 @@ each file still cached is checked with mincore and reported):
 - `merge_models.py` (weighted sum, GRAD_V block alphas, fp16 single-file output, fsynced as always) in a child
   process: wall time, peak resident memory (the child's ru_maxrss) and, from `--timings`, the busy time of the read,
   merge and write stages and of the final fsync, and the merge's wall time without the interpreter's and torch's
-  start-up (`write_merge_wall_s`).
+  start-up (`write_merge_wall_s`); cold once more with `--no-prefetch`, to show what reading the inputs ahead
+  during that start-up gains.
 Targets: peak RSS < 1.5 GB, wall time < 2x the read time. Also reported: the time to write and fsync one file of the
-output's size with `dd` (buffered, as the merge writes), since the merge must write one: where that write alone takes
-longer than twice the read time, the target is out of reach on that disk whatever the merge does.
+output's size with `dd` (with O_DIRECT, as the merge writes where the file system allows, and buffered), since the
+merge must write one: where that write alone takes longer than twice the read time, the target is out of reach on
+that disk whatever the merge does; and the start-up the merge cannot avoid, `python -c "import torch"` (wall and CPU
+seconds), with the load average before and after, since on a shared machine both times stretch with the load.
 Needs 30 GB free in DIR (default: a temporary folder beside the repository), removed afterwards unless --keep.
-`--gb N` keeps only a part of the keys (about N GB per file) for a quick run. Prints JSON and, for a full-size run,
-writes bench/results/merge.json. Not part of the test suite.
+`--gb N` keeps only a part of the keys (about N GB per file) for a quick run. Prints JSON and writes it to
+bench/results/merge.json (a `--gb` run under "subset_runs", beside the full-size result). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -126,6 +129,17 @@ def evict(*paths: Path) -> None:
             os.close(fd)
 
 
+def time_import_torch() -> dict[str, float]:
+    """Wall and CPU seconds of `python -c "import torch"`: start-up that every merge pays before reading a byte."""
+    before = os.times()
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+
+
 def time_cat(*paths: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
@@ -146,11 +160,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_merge(a: Path, b: Path, out: Path) -> dict[str, float]:
+def run_merge(a: Path, b: Path, out: Path, *extra: str) -> dict[str, float]:
     """One merge in a child process: its wall time, peak RSS (its own ru_maxrss, from wait4) and stage timings."""
     cmd = [sys.executable, str(ROOT / "merge_models.py"), "--merge.model_a", str(a), "--merge.model_b", str(b),
            "--merge.alpha", "0.5", "--merge.block_alphas", "GRAD_V", "--output.path", str(out),
-           "--output.precision", "fp16", "--no-progress", "--timings"]
+           "--output.precision", "fp16", "--no-progress", "--timings", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                           stderr=subprocess.PIPE, text=True)
@@ -177,6 +191,8 @@ def main() -> int:
     if free < need:
         print(f"skipped: {free / 1024**3:.1f} GB free in {base}, the benchmark needs {need / 1024**3:.0f} GB")
         return 0
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    import_torch = time_import_torch()
     work = Path(tempfile.mkdtemp(prefix=".bench-merge-", dir=base))
     try:
         specs = sdxl_specs()
@@ -190,17 +206,17 @@ def main() -> int:
         size = a.stat().st_size
         runs: dict[str, dict[str, float]] = {}
         peak_rss = 0.0
-        for state in ("warm", "cold"):
+        for state in ("warm", "cold", "cold_no_prefetch"):
             if state == "warm":
                 time_cat(a, b)  # bring both files into the page cache
             else:
                 evict(a, b)
             cached_before_read = min(cached_fraction(a), cached_fraction(b))
             read_s = time_cat(a, b)
-            if state == "cold":
+            if state != "warm":
                 evict(a, b)
             cached_before_merge = min(cached_fraction(a), cached_fraction(b))
-            merge = run_merge(a, b, out)
+            merge = run_merge(a, b, out, *(["--no-prefetch"] if state == "cold_no_prefetch" else []))
             peak_rss = max(peak_rss, merge["rss_gb"])
             out.unlink()
             runs[state] = {
@@ -209,21 +225,27 @@ def main() -> int:
                 "read_both_s": round(read_s, 2),
                 "merge_wall_s": round(merge["wall_s"], 2),
                 "wall_over_read": round(merge["wall_s"] / read_s, 2),
+                "startup_s": round(merge["wall_s"] - merge["write_merge_wall_s"], 2),
                 "merge_without_startup_s": round(merge["write_merge_wall_s"], 2),
                 "without_startup_over_read": round(merge["write_merge_wall_s"] / read_s, 2),
                 "stage_busy_s": {k: round(merge[k], 2) for k in ("read_s", "compute_s", "write_s")},
+                "direct_io_s": round(merge.get("direct_io_s", 0.0), 2),  # the O_DIRECT writes (their own thread)
                 "fsync_s": round(merge["fsync_s"], 2),
                 "fsync_share_of_wall": round(merge["fsync_s"] / merge["wall_s"], 3),
                 "peak_rss_gb": round(merge["rss_gb"], 3),
+                "direct_write": bool(merge["direct_write"]),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
             }
             print(state, json.dumps(runs[state]), flush=True)
         # The merge also writes (and fsyncs) a file as large as one input: time that alone as the disk's floor.
         zeros = work / "zeros"
-        t0 = time.perf_counter()
-        subprocess.run(["dd", "if=/dev/zero", f"of={zeros}", "bs=16M", f"count={size // (16 << 20)}", "conv=fsync",
-                        "status=none"], check=True)
-        write_s = time.perf_counter() - t0
-        zeros.unlink()
+        dd_s = {}
+        for name, flags in (("direct", ["oflag=direct"]), ("buffered", [])):
+            t0 = time.perf_counter()
+            subprocess.run(["dd", "if=/dev/zero", f"of={zeros}", "bs=16M", f"count={size // (16 << 20)}", "conv=fsync",
+                            "status=none", *flags], check=True)
+            dd_s[name] = round(time.perf_counter() - t0, 2)
+            zeros.unlink()
         rss_gb = peak_rss
         result = {
             "benchmark": "merge_sdxl_block_weighted_fp16" + (f"_subset_{args.gb}gb" if args.gb else ""),
@@ -232,18 +254,27 @@ def main() -> int:
             "generate_s": round(gen_s, 1),
             "warm": runs["warm"],
             "cold": runs["cold"],
-            "write_one_file_fsync_s": round(write_s, 2),
+            "cold_no_prefetch": runs["cold_no_prefetch"],  # merge_models.py --no-prefetch: what the read-ahead gains
+            "write_one_file_fsync_s": dd_s,
+            "import_torch": import_torch,
             "peak_rss_gb": round(rss_gb, 3),
             "targets": {"peak_rss_gb_lt": 1.5, "wall_over_read_lt": 2.0},
             "pass_warm": rss_gb < 1.5 and runs["warm"]["wall_over_read"] < 2.0,
             "pass_cold": rss_gb < 1.5 and runs["cold"]["wall_over_read"] < 2.0,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                        "load_avg_at_start": load_start,
                         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
         }
         print(json.dumps(result, indent=2))
-        if not args.gb:
-            RESULTS.mkdir(exist_ok=True)
-            write_text_atomic(RESULTS / "merge.json", json.dumps(result, indent=2) + "\n")
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / "merge.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if args.gb:
+            old.setdefault("subset_runs", {})[f"{args.gb:g}gb"] = result
+            result = old
+        elif "subset_runs" in old:
+            result["subset_runs"] = old["subset_runs"]
+        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

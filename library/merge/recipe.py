@@ -261,6 +261,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
     if timings is not None:
         timings.update(read_s=stages.read_s, compute_s=stages.compute_s, write_s=stages.write_s,
                        fsync_s=sink.fsync_s, pipeline_wall_s=stages.wall_s, direct_write=float(sink.direct),
+                       direct_io_s=getattr(sink, "io_s", 0.0),
                        write_merge_wall_s=time.perf_counter() - t_start)
     return out_path
 

@@ -551,8 +551,18 @@ class DirectSafetensorsWriter:
             os.close(self._fd)
             self._fd = None
             raise
+        try:
+            self._setup(prefix)
+        except BaseException:
+            os.close(self._fd)
+            os.close(self._plain_fd)
+            self._fd = None
+            raise
+
+    def _setup(self, prefix: bytes) -> None:
         self.direct = True
         self.fsync_s = 0.0
+        self.io_s = 0.0  # time the I/O thread spent in writes (the disk's share of a merge)
         self._lock = threading.Lock()
         self._free_lock = threading.Lock()  # the I/O thread returns buffers
         self._free: list[torch.Tensor] = []  # written staging buffers, reused
@@ -721,7 +731,9 @@ class DirectSafetensorsWriter:
             chunk, n = item
             try:
                 if n and not self._stop and self._error is None:
+                    t0 = time.perf_counter()
                     self._write_out(chunk.buf[:n], chunk.start)
+                    self.io_s += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - raised by the next write or close on the caller's side
                 self._error = e
             finally:
