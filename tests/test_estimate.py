@@ -26,7 +26,12 @@ from library.estimate.memory import (
     rederive,
 )
 from library.estimate.report import describe, report
-from library.estimate.step import StepMeasure, checkpoint_with_policy, run_step, setup_method
+from library.estimate.step import (
+    StepMeasure,
+    checkpoint_with_policy,
+    run_step,
+    setup_method,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure arithmetic.
@@ -410,7 +415,7 @@ def test_memory_table_generator_and_block(tiny_sd1_configs):
     # Card sizes straddling the tiny model's need: too small even with every change, and as configured.
     needed = needed_bytes(estimate.peak) / GIB
     text = memory_table.table([("tiny full", spec)], sizes_gb=(0.001, round(needed + 0.01, 2)), log=None)
-    intro, _, header, rule, row, blank, legend = text.splitlines()
+    intro, _, header, rule, row, _, legend = text.splitlines()
     assert intro.startswith("Memory of common recipes")
     assert header.startswith("| preset | tensors (W / G / O / A) | needs |") and rule == "|---|---|---|---|---|"
     cells = [c.strip() for c in row.strip("|").split("|")]
