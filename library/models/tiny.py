@@ -35,7 +35,8 @@ from library.paths import cache_dir
 
 # Bump when the tiny architectures or their initialisation change, so stale cached folders are not reused.
 # v2: UNet widths (32, 64, 128[, 128]) -> (16, 32, 64[, 64]) (~8.5 M -> ~2.2 M parameters, ~4x faster steps).
-# v3 (then v4, past a stale development cache): the VAE is a colour codec (library/models/tiny_vae.py) instead of random weights that lose colour.
+# v4: the VAE is a colour codec (library/models/tiny_vae.py) instead of random weights that lose colour (v3 was
+# skipped: development caches held earlier experiments under it).
 TINY_VERSION = 4
 
 DEFAULT_PREDICTION: dict[str, PredictionType] = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
