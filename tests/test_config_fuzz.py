@@ -120,19 +120,23 @@ def test_random_documents_load_or_raise_config_error(data):
     _loads_or_config_error(data)
 
 
+def _random_table(draw, node: dict) -> dict:
+    """A table drawn by walking down from `node` at random (into sub-tables and arrays of tables)."""
+    while True:
+        tables = [v for v in node.values() if isinstance(v, dict)]
+        tables += [x for v in node.values() if isinstance(v, list) for x in v if isinstance(x, dict)]
+        if not tables or draw(st.booleans()):
+            return node
+        node = draw(st.sampled_from(tables))
+
+
 @st.composite
 def mutated_defaults(draw) -> dict:
     """The default config as TOML, with a few random edits deep inside: wrong types, unknown keys, new tables."""
     data = to_dict(Root())
     data["data"]["subsets"] = [to_dict(Subset()) for _ in range(draw(st.integers(0, 2)))]
     for _ in range(draw(st.integers(1, 4))):
-        node = data
-        while True:  # walk down to a random table
-            tables = [v for v in node.values() if isinstance(v, dict)]
-            tables += [x for v in node.values() if isinstance(v, list) for x in v if isinstance(x, dict)]
-            if not tables or draw(st.booleans()):
-                break
-            node = draw(st.sampled_from(tables))
+        node = _random_table(draw, data)
         name = draw(st.sampled_from(sorted(node)) if node and draw(st.booleans()) else key)
         node[name] = draw(toml_value)
     return data
@@ -350,13 +354,7 @@ def real_mutated(draw) -> tuple[str, dict]:
             value = valid_values(o.type) if kind == "valid" else toml_value
             node[leaf_name] = _toml_ready(draw(value))
             continue
-        node = data
-        while True:  # walk down to a random table
-            tables = [v for v in node.values() if isinstance(v, dict)]
-            tables += [x for v in node.values() if isinstance(v, list) for x in v if isinstance(x, dict)]
-            if not tables or draw(st.booleans()):
-                break
-            node = draw(st.sampled_from(tables))
+        node = _random_table(draw, data)
         if kind == "unknown":
             node[draw(real_key)] = draw(toml_value)
         else:
