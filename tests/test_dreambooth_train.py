@@ -86,42 +86,50 @@ def test_script_print_config_and_user_errors(tmp_path, capsys):
     assert "data.enable_bucket = false" in capsys.readouterr().err
 
 
-def redness(images) -> float:
+def blueness(images) -> float:
     a = np.stack([np.asarray(i, dtype=np.float32) for i in images])
-    return float((a[..., 0] - a[..., 2]).mean())
+    return float((a[..., 2] - a[..., 0]).mean())
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="UNFINISHED (issue 6): the identifier learns the concept, but on the tiny random model the "
-                   "class-prompt drift with prior preservation was not reliably below 0.8x the drift without it "
-                   "(CI run: 37.9 vs 38.5; an earlier run: 31.2 vs 45.7)", strict=False)
 def test_identifier_learns_the_concept_and_prior_preservation_keeps_the_class(tmp_path):
-    """Acceptance: 'sks shape' samples turn red; 'shape' samples stay closer to the base model's with prior
-    preservation than without (same steps, seeds and data otherwise)."""
+    """Acceptance (issue 6), as DreamBooth is used: on a base that already draws shapes and knows colours
+    (tests/colour_base.py; its unprompted "shape" samples come out reddish), teach the blue demo shapes as
+    "sks shape". The identifier's samples turn bluer; the class prompt "shape" drifts toward blue too (language
+    drift: every instance caption contains "shape"), but less with prior preservation than without it -- same
+    steps, seeds and data otherwise. Blueness = mean (B - R) on a 0-255 scale; deterministic samplers and seeds.
+
+    Measured (8 seeds): identifier -98 -> -37; class drift 37, 69, 44, 50, 62, 49, 68, 94 with prior
+    preservation against 56, 93, 57, 79, 77, 72, 79, 133 without (mean 59 vs 81).
+    """
     from library.config.model import ModelConfig
     from library.models.load import load_model
     from library.models.tiny import resolve_model_ref
     from library.training.sample import SamplePrompt, generate
+    from tests.colour_base import colour_base
 
     def samples(model, prompt):
-        ps = [SamplePrompt(prompt, width=64, height=64, steps=15, cfg_scale=4.0, seed=i) for i in range(4)]
-        return generate(model, ps, sampler="euler_a", base_seed=0)
+        ps = [SamplePrompt(prompt, width=64, height=64, steps=15, cfg_scale=4.0, seed=i) for i in range(8)]
+        return generate(model, ps, sampler="ddim", base_seed=0)
 
-    ident = "sks shape"
-    base = load_model(ModelConfig())
-    base_class_red, base_ident_red = redness(samples(base, "shape")), redness(samples(base, ident))
+    base_ref = colour_base()
+    base = load_model(ModelConfig(**base_ref))
+    base_class, base_ident = samples(base, "shape"), samples(base, "sks shape")
     runs = {}
     for pp in (True, False):
-        cfg = db_cfg(tmp_path, 300, out=f"pp{pp}", save={"save_state": False}, data={"batch_size": 4},
+        cfg = db_cfg(tmp_path, 200, out=f"pp{pp}", model=base_ref, save={"save_state": False},
+                     data={"batch_size": 4}, optimizer={"learning_rate": 5e-4},
                      dreambooth={"prior_preservation": pp, "num_class_images": 15, "class_steps": 15,
-                                 "class_cfg_scale": 4.0})
+                                 "class_cfg_scale": 4.0, "concepts": [
+                                     {"instance_dir": "demo:blue", "identifier": "sks", "class_word": "shape"}]})
         result = train_dreambooth(cfg, progress=False)
         model = load_model(ModelConfig(pretrained_model_name_or_path=str(result.result_path),
                                        config_dir=str(resolve_model_ref("tiny:sd15"))))
-        # (redness of the identifier prompt, how far the class prompt's redness moved from the base model's)
-        runs[pp] = (redness(samples(model, ident)), abs(redness(samples(model, "shape")) - base_class_red))
-    print(f"base: identifier redness {base_ident_red:.1f}, class redness {base_class_red:.1f}; runs {runs}")
-    assert runs[True][0] - base_ident_red > 15, runs  # the identifier prompt moved toward the red concept
-    # the class prompt drifted less with prior preservation (measured on CPU: 31.2 with, 45.7 without; identifier
-    # redness 30.1 -> 67.8): a real but modest margin on a tiny random-init model, hence 0.8 and not 0.5
-    assert runs[True][1] < 0.8 * runs[False][1], runs
+        drift = [blueness([a]) - blueness([b]) for a, b in zip(samples(model, "shape"), base_class)]
+        runs[pp] = (blueness(samples(model, "sks shape")) - blueness(base_ident), drift)
+    print(f"identifier shift with / without prior preservation: {runs[True][0]:.1f} / {runs[False][0]:.1f}; "
+          f"class drift per seed: {runs[True][1]} / {runs[False][1]}")
+    assert runs[True][0] > 30, runs  # the identifier's samples moved toward the blue concept
+    with_pp, without = runs[True][1], runs[False][1]
+    assert sum(w < wo for w, wo in zip(with_pp, without)) >= 6, runs  # less drift for most seeds ...
+    assert np.mean(with_pp) < 0.85 * np.mean(without), runs  # ... and on average
