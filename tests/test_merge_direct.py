@@ -266,3 +266,27 @@ def test_merge_output_same_bytes_direct_or_buffered(tmp_path, monkeypatch, direc
         direct.append(timings["direct_write"])
     assert direct == [1.0, 0.0]
     assert outputs[0] == outputs[1]
+
+
+def test_folder_output_same_bytes_direct_or_buffered(tmp_path, monkeypatch, direct_flag):
+    """A diffusers-folder output: each component file is declared in write order, so it is written with O_DIRECT
+    too, and holds the same bytes as through the page cache."""
+    from library.models.tiny import resolve_model_ref
+
+    a, b = (str(resolve_model_ref(f"tiny:sd15:seed={s}")) for s in (1, 2))
+    folders, direct = [], []
+    for flag in (stream._O_DIRECT, 0):
+        monkeypatch.setattr(stream, "_O_DIRECT", flag)
+        out = tmp_path / f"folder{flag}"
+        cfg = load_config(MergeRecipe, {"merge": {"model_a": a, "model_b": b, "alpha": 0.4, "block_alphas": "GRAD_A"},
+                                        "output": {"path": str(out), "precision": "bf16", "format": "diffusers"}})
+        timings: dict[str, float] = {}
+        run_recipe(cfg, "recipe", progress=False, timings=timings)
+        folders.append(out)
+        direct.append(timings["direct_write"])
+    assert direct == [1.0, 0.0]
+    files = sorted(p.relative_to(folders[0]) for p in folders[0].rglob("*.safetensors"))
+    assert [f.parent.name for f in files] == ["text_encoder", "unet", "vae"]
+    assert files == sorted(p.relative_to(folders[1]) for p in folders[1].rglob("*.safetensors"))
+    for rel in files:
+        assert (folders[0] / rel).read_bytes() == (folders[1] / rel).read_bytes(), rel

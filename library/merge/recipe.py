@@ -26,8 +26,8 @@ from library.fileio import atomic_path
 from library.merge import modes
 from library.merge.blocks import block_slot, parse_block_alphas
 from library.merge.pipeline import run_pipeline
-from library.merge.stream import (IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, SafetensorsWriter, TensorSource,
-                                   folder_parts, open_source, open_writer)
+from library.merge.stream import (IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, DirectSafetensorsWriter, SafetensorsWriter,
+                                   TensorSource, folder_parts, open_source, open_writer)
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
 from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
@@ -329,10 +329,11 @@ class DiffusersSink:
         (folder / "merge_recipe.toml").write_text(recipe_text, encoding="utf-8")
         _, parts = folder_parts(config_dir, family, with_weights=False)
         self.rules: dict[str, tuple[KeyMap, Any]] = {}
-        self.writers: dict[str, SafetensorsWriter] = {}
-        self._opened: list[SafetensorsWriter] = []
+        self.writers: dict[str, SafetensorsWriter | DirectSafetensorsWriter] = {}
+        self._opened: list[SafetensorsWriter | DirectSafetensorsWriter] = []
+        order = {k: i for i, k in enumerate(specs)}  # the order keys will be written in
         for part in parts:
-            part_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+            placed: list[tuple[int, str, tuple[torch.dtype, tuple[int, ...]]]] = []
             for rule in part.keymap.rules:
                 key = part.keymap.prefix + rule.ldm
                 if key not in specs:
@@ -341,9 +342,12 @@ class DiffusersSink:
                 dt, shape = specs[key]
                 km = KeyMap(part.keymap.prefix, (rule,))
                 for k, t in from_ldm({key: torch.empty(shape, device="meta")}, km).items():
-                    part_specs[k] = (dt, tuple(t.shape))
+                    placed.append((order[key], k, (dt, tuple(t.shape))))
                 self.rules[key] = (km, part.name)
-            writer = SafetensorsWriter(folder / part.name / WEIGHT_FILES[part.name], part_specs, {"format": "pt"})
+            # Declared in write order (sorted is stable: a key split in several keeps from_ldm's order), so each
+            # component file is written front to back, with O_DIRECT where the file system takes it.
+            part_specs = {k: spec for _, k, spec in sorted(placed, key=lambda p: p[0])}
+            writer = open_writer(folder / part.name / WEIGHT_FILES[part.name], part_specs, {"format": "pt"})
             self._opened.append(writer)
             self.writers[part.name] = writer
         # Keys no rule covers must be single-file extras (OpenCLIP logit_scale, SD2's padding layer and identity
