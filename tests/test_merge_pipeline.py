@@ -4,6 +4,7 @@ failure in any stage reaches the caller and leaves no output behind; per-tensor 
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,27 @@ def test_prefetch_input_refs_by_mode():
     assert refs(model_a="a", model_b="b") == ["a", "b"]
     assert refs(mode="add_difference", model_a="a", model_b="b", model_c="c") == ["a", "b", "c"]
     assert refs(mode="ties", model_a="a", models=["x", "y"]) == ["a", "x", "y"]
+
+
+def test_single_file_merge_imports_no_diffusers_or_transformers(tmp_path):
+    """Start-up counts in a merge's wall time: merging single files must not import diffusers, transformers,
+    accelerate or peft (seconds each); --help must not import torch either."""
+    import subprocess
+    import sys
+
+    a, b = _single_file_pair(tmp_path)
+    out = tmp_path / "m.safetensors"
+    heavy = ("diffusers", "transformers", "accelerate", "peft")
+    code = ("import sys, merge_models; merge_models.main(sys.argv[1:]); "
+            f"print('loaded', [m for m in {heavy!r} if m in sys.modules])")
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code, "--merge.model_a", str(a), "--merge.model_b", str(b),
+                          "--output.path", str(out), "--no-progress"], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "loaded []" in run.stdout and out.is_file()
+    code = ("import sys, merge_models\ntry:\n    merge_models.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('loaded', [m for m in ('torch', *" + repr(heavy) + ") if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "loaded []" in run.stdout

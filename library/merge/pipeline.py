@@ -1,8 +1,9 @@
 """A three-stage pipeline for streaming merges: read on one thread, compute on the caller's, write on a third.
 
-File reads (`os.preadv`), file writes (`os.pwrite`) and torch's kernels all release the GIL, so while key i is merged,
-key i + 1 is being read and key i - 1 written: the wall time approaches the slowest stage instead of the sum of all
-three. Items keep their order (one thread per stage, FIFO queues).
+Input reads (per-tensor maps populated by madvise through ctypes), file writes (`os.pwrite`) and torch's kernels
+all release the GIL, so while key i is merged, key i + 1 is being read and key i - 1 written: the wall time
+approaches the slowest stage instead of the sum of all three. Items keep their order (one thread per stage, FIFO
+queues).
 
 Memory stays bounded by a token count, not by queue lengths: an item takes a token before it is read and gives it
 back once written, so at most `in_flight` items exist at any moment. That is also what makes buffer rings safe: a

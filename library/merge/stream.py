@@ -9,9 +9,12 @@ Every input is seen in the single-file (LDM/SGM) key space, where block slots ar
   the same extra keys `save_single_file` writes, so a folder and the single file of the same model are equal views.
 Outputs: `SafetensorsWriter` writes the header first (every key's dtype, shape and offsets are known before merging)
 and then each tensor at its offset, with `os.pwrite` (one call per tensor, no user-space buffering), asking the kernel
-to write back as it goes. safetensors' Python API only writes whole dicts, and no maintained package
-streams safetensors writes, so the format is written here: 8-byte little-endian header length, the JSON header
-(padded with spaces to a multiple of 8 bytes, as safetensors does), then the raw little-endian tensor bytes.
+to write back as it goes. `DirectSafetensorsWriter` writes the same bytes with O_DIRECT (bypassing the page cache,
+about twice as fast on the benchmark's disk) from page-aligned staging chunks that the merge computes into, when the
+keys come in declared order and the file system accepts it (`open_writer` picks). safetensors' Python API only writes
+whole dicts, and no maintained package streams safetensors writes, so the format is written here: 8-byte
+little-endian header length, the JSON header (padded with spaces to a multiple of 8 bytes, as safetensors does; the
+format allows trailing whitespace in the header), then the raw little-endian tensor bytes.
 """
 
 from __future__ import annotations
