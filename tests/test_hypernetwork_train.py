@@ -140,17 +140,21 @@ def redness(images) -> float:
 
 @pytest.mark.slow
 def test_training_on_red_shifts_samples_to_red(tmp_path):
-    """Red shapes whose captions never say 'red': samples with the hypernetwork are redder than without it."""
+    """Red shapes whose captions never say 'red': samples with the hypernetwork are redder than without it, on a
+    base that already draws the shapes (tests/colour_base.py; on the random tiny UNet the text hardly matters)."""
     from library.training.sample import SamplePrompt, generate
+    from tests.colour_base import colour_base
 
-    cfg = hn_cfg(tmp_path, 200, save={"save_state": False})
+    base = colour_base()
+    cfg = hn_cfg(tmp_path, 200, model=base, save={"save_state": False})
     method, result = train(cfg)
     model = method.model
     prompts = [SamplePrompt(f"a {s} on a white background", width=64, height=64, steps=15, cfg_scale=4.0, seed=i)
-               for i, s in enumerate(["circle", "square", "triangle"])]
+               for i, s in enumerate(["circle", "square", "triangle", "star"])]
     model.unet.eval()
-    with_hn = redness(generate(model, prompts, sampler="euler_a", base_seed=0))
-    fresh = load_model(ModelConfig(pretrained_model_name_or_path="tiny:sd15"))
-    without = redness(generate(fresh, prompts, sampler="euler_a", base_seed=0))
-    # mean (R - B) on a 0-255 scale; measured 36.7 with vs 22.2 without (torch 2.13 CPU, loss 1.02 -> 0.89)
-    assert with_hn - without > 8, (with_hn, without)
+    with_hn = generate(model, prompts, sampler="ddim", base_seed=0)
+    without = generate(load_model(ModelConfig(**base)), prompts, sampler="ddim", base_seed=0)
+    shifts = [redness([a]) - redness([b]) for a, b in zip(with_hn, without)]
+    # mean (R - B) on a 0-255 scale; measured 4.2, 9.7, 14.5, 5.3 (400 steps: 3.6, 16.7, 13.3, 19.0; a hypernetwork
+    # learns slowly: lr 1e-2 diverges)
+    assert min(shifts) > 0 and np.mean(shifts) > 4, shifts
