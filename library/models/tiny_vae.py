@@ -20,7 +20,7 @@ What the codec does, in the diffusers module layout (so key maps, single-file sa
   = x / sqrt(eps) to a relative 5e-5 (torch.nn.GroupNorm's formula);
 - the SiLU after each of those norms is made linear by an offset b = 10: (silu(b + y) - silu(b - y)) / 2 = y to 5e-4
   (the even-order terms of the pair cancel);
-- latents are an orthogonal colour transform of the 8x8-averaged RGB (luma and three colour differences), scaled so
+- latents are a fixed linear colour transform of the 8x8-averaged RGB (luma and three colour differences), scaled so
   that `latents * scaling_factor` has a standard deviation near 1 on the demo images, as the released VAEs' scaling
   factors are chosen; the log-variance channels are -30, so sampling the latent distribution adds ~1e-7.
 Other weights keep their random initialisation (they are multiplied by the zeros above), so models of different
