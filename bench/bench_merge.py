@@ -78,7 +78,7 @@ def sdxl_specs() -> dict[str, tuple[int, ...]]:
 
 
 def write_random(path: Path, specs: dict[str, tuple[int, ...]], seed: int) -> None:
-    from library.merge.stream import SafetensorsWriter
+    from library.merge.writers import SafetensorsWriter
 
     pool = torch.randn(POOL, generator=torch.Generator().manual_seed(seed)).half()
     w = SafetensorsWriter(path, {k: (torch.float16, s) for k, s in specs.items()})

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from library.config.core import load_config
 from library.config.merge import MergeRecipe
 from library.fileio import OutputWriteError, atomic_path
-from library.merge import recipe, stream
+from library.merge import recipe, writers
 from library.merge.recipe import run_recipe
-from library.merge.stream import DirectSafetensorsWriter, SafetensorsWriter, open_writer
+from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, open_writer
 
 
 def _tensors():
@@ -49,11 +49,11 @@ def direct_flag(request, monkeypatch, tmp_path):
         probe = tmp_path / "probe"
         try:
             DirectSafetensorsWriter(probe, {}).abort()
-        except stream.DirectIOUnsupported:
+        except writers.DirectIOUnsupported:
             pytest.skip("the temporary folder's file system refuses O_DIRECT")
         probe.unlink()
     else:
-        monkeypatch.setattr(stream, "_O_DIRECT", os.O_CLOEXEC)
+        monkeypatch.setattr(writers, "_O_DIRECT", os.O_CLOEXEC)
     return request.param
 
 
@@ -86,8 +86,8 @@ def _buffered_bytes(tmp_path, tensors, metadata):
 @pytest.mark.parametrize("chunk", [8192, 1 << 20])
 @pytest.mark.parametrize("in_place", [True, False])
 def test_direct_writer_is_byte_identical_and_aligned(tmp_path, monkeypatch, direct_flag, chunk, in_place):
-    monkeypatch.setattr(stream, "DIRECT_CHUNK_BYTES", chunk)
-    monkeypatch.setattr(stream, "DIRECT_QUEUE", 1)
+    monkeypatch.setattr(writers, "DIRECT_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(writers, "DIRECT_QUEUE", 1)
     tensors = _tensors()
     metadata = {"recipe": "x" * 5000}  # a header longer than a page
     want = _buffered_bytes(tmp_path, tensors, metadata)
@@ -114,7 +114,7 @@ def test_direct_writer_is_byte_identical_and_aligned(tmp_path, monkeypatch, dire
     assert sum(n for _, _, n, _ in direct) == len(want) - len(want) % 4096
     if in_place:
         # Built in place: every tensor whose bytes are aligned for its dtype (the data area starts 8-byte aligned).
-        _, offsets, _ = stream._layout(_specs(tensors), metadata)
+        _, offsets, _ = writers._layout(_specs(tensors), metadata)
         aligned = [k for k, v in tensors.items() if offsets[k] % v.element_size() == 0]
         assert built_in_place == len(aligned) and "f32_after_odd" not in aligned
     with safe_open(str(path), framework="pt") as f:
@@ -124,8 +124,8 @@ def test_direct_writer_is_byte_identical_and_aligned(tmp_path, monkeypatch, dire
 
 def test_direct_writer_reuses_staging_buffers(tmp_path, monkeypatch, direct_flag):
     """Many tensors of varied sizes through small chunks: buffers are reused and trimmed, bytes stay identical."""
-    monkeypatch.setattr(stream, "DIRECT_CHUNK_BYTES", 8192)
-    monkeypatch.setattr(stream, "DIRECT_FREE_BYTES", 3 * 8192)
+    monkeypatch.setattr(writers, "DIRECT_CHUNK_BYTES", 8192)
+    monkeypatch.setattr(writers, "DIRECT_FREE_BYTES", 3 * 8192)
     g = torch.Generator().manual_seed(1)
     sizes = [int(n) for n in torch.randint(0, 30000, (60,), generator=g)]
     tensors = {f"t{i}": torch.randn(n, generator=g).half() for i, n in enumerate(sizes)}
@@ -153,8 +153,8 @@ def test_direct_writer_reuses_staging_buffers(tmp_path, monkeypatch, direct_flag
 
 def test_direct_writer_falls_back_when_open_refuses(tmp_path, monkeypatch):
     real_open = os.open
-    flag = stream._O_DIRECT or os.O_CLOEXEC
-    monkeypatch.setattr(stream, "_O_DIRECT", flag)
+    flag = writers._O_DIRECT or os.O_CLOEXEC
+    monkeypatch.setattr(writers, "_O_DIRECT", flag)
 
     def refusing_open(path, flags, *args):
         if flags & flag:
@@ -172,7 +172,7 @@ def test_direct_writer_falls_back_when_open_refuses(tmp_path, monkeypatch):
 
 
 def test_direct_writer_falls_back_when_a_write_is_refused(tmp_path, monkeypatch, direct_flag):
-    monkeypatch.setattr(stream, "DIRECT_CHUNK_BYTES", 8192)
+    monkeypatch.setattr(writers, "DIRECT_CHUNK_BYTES", 8192)
     tensors = _tensors()
     want = _buffered_bytes(tmp_path, tensors, None)
     calls, target = _spy_pwrite(monkeypatch, fail_direct_with=errno.EINVAL)
@@ -188,7 +188,7 @@ def test_direct_writer_falls_back_when_a_write_is_refused(tmp_path, monkeypatch,
 
 
 def test_direct_write_error_reaches_the_caller_and_leaves_nothing(tmp_path, monkeypatch, direct_flag):
-    monkeypatch.setattr(stream, "DIRECT_CHUNK_BYTES", 8192)
+    monkeypatch.setattr(writers, "DIRECT_CHUNK_BYTES", 8192)
     tensors = _tensors()
     threads = threading.active_count()
     _, target = _spy_pwrite(monkeypatch, fail_direct_with=errno.ENOSPC)
@@ -253,8 +253,8 @@ def test_merge_output_same_bytes_direct_or_buffered(tmp_path, monkeypatch, direc
     a, b = _pair(tmp_path)
     monkeypatch.setattr(recipe, "recipe_metadata", lambda *args: {"fixed": "metadata"})  # no date in the header
     outputs, direct = [], []
-    for flag in (stream._O_DIRECT, 0):
-        monkeypatch.setattr(stream, "_O_DIRECT", flag)
+    for flag in (writers._O_DIRECT, 0):
+        monkeypatch.setattr(writers, "_O_DIRECT", flag)
         out = tmp_path / f"m{flag}.safetensors"
         merge = {"model_a": str(a), "model_b": str(b), "alpha": 0.3, "block_alphas": "GRAD_V", "mode": mode}
         if mode == "add_difference":
@@ -275,8 +275,8 @@ def test_folder_output_same_bytes_direct_or_buffered(tmp_path, monkeypatch, dire
 
     a, b = (str(resolve_model_ref(f"tiny:sd15:seed={s}")) for s in (1, 2))
     folders, direct = [], []
-    for flag in (stream._O_DIRECT, 0):
-        monkeypatch.setattr(stream, "_O_DIRECT", flag)
+    for flag in (writers._O_DIRECT, 0):
+        monkeypatch.setattr(writers, "_O_DIRECT", flag)
         out = tmp_path / f"folder{flag}"
         cfg = load_config(MergeRecipe, {"merge": {"model_a": a, "model_b": b, "alpha": 0.4, "block_alphas": "GRAD_A"},
                                         "output": {"path": str(out), "precision": "bf16", "format": "diffusers"}})

@@ -13,15 +13,11 @@ from safetensors.torch import save_file
 
 from library.config.core import load_config
 from library.config.merge import MergeRecipe
-from library.merge import stream
+from library.merge import stream, writers
 from library.merge.pipeline import run_pipeline
 from library.merge.recipe import OutputRing, read_order, run_recipe
-from library.merge.stream import (
-    DirectSafetensorsWriter,
-    SafetensorsFile,
-    SafetensorsWriter,
-    open_source,
-)
+from library.merge.stream import SafetensorsFile, open_source
+from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter
 from library.models.tiny import resolve_model_ref
 
 
@@ -130,7 +126,7 @@ def test_read_order_follows_the_data_area(tmp_path):
 
 
 def test_writer_writes_back_as_it_goes(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream, "WRITEBACK_BYTES", 64)  # request writeback after nearly every tensor
+    monkeypatch.setattr(writers, "WRITEBACK_BYTES", 64)  # request writeback after nearly every tensor
     tensors = {f"t{i}": torch.randn(17 + i, generator=torch.Generator().manual_seed(i)) for i in range(30)}
     path = tmp_path / "w.safetensors"
     w = SafetensorsWriter(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()})
@@ -185,7 +181,7 @@ def test_merge_of_single_files_is_exact_and_in_file_order(tmp_path):
 @pytest.mark.parametrize("writer", [SafetensorsWriter, DirectSafetensorsWriter])
 def test_failed_merge_leaves_no_output(tmp_path, monkeypatch, writer):
     # The direct writer's logic runs on any file system with a harmless flag in place of O_DIRECT; 0: no O_DIRECT.
-    monkeypatch.setattr(stream, "_O_DIRECT", os.O_CLOEXEC if writer is DirectSafetensorsWriter else 0)
+    monkeypatch.setattr(writers, "_O_DIRECT", os.O_CLOEXEC if writer is DirectSafetensorsWriter else 0)
     threads_before = threading.active_count()
     a, b = _single_file_pair(tmp_path)
     out = tmp_path / "out" / "m.safetensors"

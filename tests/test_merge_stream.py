@@ -14,7 +14,8 @@ from library.config.merge import MergeRecipe
 from library.errors import ModelFileError
 from library.merge.blocks import block_slot, parse_block_alphas
 from library.merge.recipe import run_recipe
-from library.merge.stream import SafetensorsFile, SafetensorsWriter, open_source
+from library.merge.stream import SafetensorsFile, open_source
+from library.merge.writers import SafetensorsWriter
 from library.models.keymaps import unet_key_map
 from library.models.tiny import resolve_model_ref
 

@@ -26,8 +26,8 @@ from library.fileio import atomic_path
 from library.merge import modes
 from library.merge.blocks import block_slot, parse_block_alphas
 from library.merge.pipeline import run_pipeline
-from library.merge.stream import (IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, DirectSafetensorsWriter, SafetensorsWriter,
-                                   TensorSource, folder_parts, open_source, open_writer)
+from library.merge.stream import IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, TensorSource, folder_parts, open_source
+from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, open_writer
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
 from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
