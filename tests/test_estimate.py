@@ -26,12 +26,7 @@ from library.estimate.memory import (
     rederive,
 )
 from library.estimate.report import describe, report
-from library.estimate.step import (
-    StepMeasure,
-    checkpoint_with_policy,
-    run_step,
-    setup_method,
-)
+from library.estimate.step import StepMeasure, run_step, set_training_modes, setup_method
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure arithmetic.
@@ -180,12 +175,7 @@ def _real_peaks(spec: EstimateSpec) -> tuple[int, int]:
         for p in root.parameters():
             frozen = torch.float32 if root is model.vae else spec.frozen_dtype()
             p.data = p.data.to(spec.trained_dtype() if p.requires_grad else frozen)
-    trained = list({id(p): p for r in resident for p in r.parameters() if p.requires_grad}.values())
-    if spec.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_policy)
-    model.unet.train()
-    for te in model.text_encoders:
-        te.train(spec.trains_text_encoder())
+    trained = set_training_modes(model, spec, resident)
     optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=True)
     run_step(model, spec, trained, optimizer, None)  # warm-up: creates the optimizer state and allocator pools
     live = LiveBytes()

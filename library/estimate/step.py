@@ -340,6 +340,17 @@ def _run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
     return marks
 
 
+def set_training_modes(model, spec, resident: list) -> list[torch.nn.Parameter]:
+    """Set train/eval modes and gradient checkpointing as the loop does; the trained parameters of `resident`."""
+    trained = list({id(p): p for m in resident for p in m.parameters() if p.requires_grad}.values())
+    if spec.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_policy)
+    model.unet.train()
+    for te in model.text_encoders:
+        te.train(spec.trains_text_encoder())
+    return trained
+
+
 def measure(spec: EstimateSpec) -> StepMeasure:
     """Build `spec`'s model on the meta device, make it fake and run one steady-state training step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -356,12 +367,7 @@ def measure(spec: EstimateSpec) -> StepMeasure:
     with mode:
         # loop._place keeps the VAE in fp32 (the SD/SDXL VAEs overflow in fp16).
         fakeify(resident, spec.trained_dtype(), spec.frozen_dtype(), fixed={id(model.vae): torch.float32})
-    trained = list({id(p): p for m in resident for p in m.parameters() if p.requires_grad}.values())
-    if spec.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_policy)
-    model.unet.train()
-    for te in model.text_encoders:
-        te.train(spec.trains_text_encoder())
+    trained = set_training_modes(model, spec, resident)
 
     run_adamw = spec.optimizer == "AdamW" and not spec.offload_optimizer
     live = LiveBytes(flop_formulas())
