@@ -51,8 +51,9 @@ def make_method(cfg: DreamBoothRunConfig) -> Method:
 def train_dreambooth(cfg: DreamBoothRunConfig, *, script: str = "train_dreambooth.py", progress: bool = True):
     """Class images + dataset file, then the shared loop; returns its TrainResult."""
     from library.training.class_images import prepare_data, run_paired
-    from library.training.run import run_training
+    from library.training.run import apply_cpu_threads, run_training
 
+    apply_cpu_threads(cfg.train)  # class images are generated before the loop
     stem = Path(cfg.save.output_dir) / cfg.save.output_name
     data, class_data = prepare_data(cfg.dreambooth, cfg.data, cfg.model, cfg.train, stem, progress=progress)
     cfg = replace(cfg, data=data)  # data.dataset_config now names the written dataset file

@@ -78,3 +78,18 @@ def test_state_round_trip_and_incomplete_ignored(tmp_path):
     with pytest.raises(UserError, match="not a complete resume state"):
         st.find_resume_dir(str(st.state_root(tmp_path) / "step-00000040"), tmp_path)
     assert st.find_resume_dir("", tmp_path) is None
+
+
+def test_cpu_threads_option_sets_torch_threads_and_rejects_negatives():
+    from library.training.run import apply_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        apply_cpu_threads(TrainConfig(cpu_threads=0))
+        assert torch.get_num_threads() == before  # 0: PyTorch's own choice is left alone
+        apply_cpu_threads(TrainConfig(cpu_threads=before + 1))
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="train.cpu_threads"):
+        TrainConfig(cpu_threads=-1).validate()

@@ -63,6 +63,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: far less memory, ~30% slower.")
     attention: Literal["sdpa", "xformers"] = opt("sdpa", "Attention kernel: PyTorch SDPA, or xformers (CUDA only).")
     torch_compile: bool = opt(False, "Compile the UNet with torch.compile (slow first step, faster after).")
+    cpu_threads: int = opt(0, "Intra-op CPU threads (torch.set_num_threads; 0 = PyTorch's default). 1 is faster "
+                              "for the tiny demo models, whose many small ops pay more for threads than they gain.")
     ema: bool = opt(False, "Keep an exponential moving average of the trained weights and save it.")
     ema_decay: float = opt(0.9999, "EMA decay per optimizer step.")
     ema_on_cpu: bool = opt(False, "Keep the EMA copy in CPU memory (saves GPU memory; slower).")
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be between 0 and 1 (got {self.ema_decay})")
         if self.max_consecutive_nan_steps < 1:
             raise ConfigError("train.max_consecutive_nan_steps must be at least 1")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"train.cpu_threads must be 0 (PyTorch's default) or more (got {self.cpu_threads})")
         if self.deepspeed.enabled:
             if self.train_text_encoder:
                 raise ConfigError("train.train_text_encoder = true with train.deepspeed: DeepSpeed wraps one model "

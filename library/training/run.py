@@ -38,6 +38,14 @@ def run_script(root_cls: type, make_method: Callable, argv: list[str] | None, *,
     return 0
 
 
+def apply_cpu_threads(train_cfg) -> None:
+    """train.cpu_threads > 0: that many intra-op CPU threads for this process (see its help)."""
+    if train_cfg.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(train_cfg.cpu_threads)
+
+
 def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = False, wrap_data: Callable | None = None):
     """Load the model and data named by `cfg`, train with `method`, save; returns the loop's TrainResult.
 
@@ -53,6 +61,7 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
     from library.training.loop import LoopSettings, train
 
     t0 = time.perf_counter()
+    apply_cpu_threads(cfg.train)
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.model)
     check_prediction_compat(cfg.noise, model.prediction_type, cfg.loss)
