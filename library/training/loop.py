@@ -32,25 +32,15 @@ import torch
 from library.config.optim import OptimizerConfig, SchedulerConfig
 from library.config.train import LogConfig, SampleConfig, SaveConfig, TrainConfig
 from library.errors import ConfigError, DataError, UserError
-from library.fileio import OutputWriteError, recover_interrupted_writes
+from library.fileio import recover_interrupted_writes
 from library.models.model import SDModel
 from library.training import faults
 from library.training import state as st
 from library.training.ema import EMA
 from library.training.method import Method
+from library.training.saving import USUAL_FIXES, TrainingStopped, save as _save
 from library.training.setup import (ManualSteps, configure_unet, effective_precision, make_accelerator, pick_device,
                                     weight_dtype)
-
-
-class TrainingStopped(UserError):
-    """Training stopped on purpose (e.g. repeated non-finite losses); the last good state was saved."""
-
-    exit_code = 3
-
-
-USUAL_FIXES = ("Usual fixes: a lower optimizer.learning_rate, train.mixed_precision = 'bf16' instead of 'fp16', "
-               "optimizer.max_grad_norm = 1.0, a VAE that does not overflow in fp16, and a look at the data "
-               "(check_dataset.py).")
 
 
 @dataclass
@@ -390,65 +380,6 @@ def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs:
     """Every N steps, or at the end of every N-th epoch (`epoch` is 0-based, so epoch + 1 epochs are complete)."""
     return (every_steps > 0 and step % every_steps == 0) or (
         epoch_end and every_epochs > 0 and (epoch + 1) % every_epochs == 0)
-
-
-def _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps, *,
-          with_result: bool, final: bool = False) -> Path | None:
-    accelerator.wait_for_everyone()
-    with steps.full_weights():  # ZeRO-3: every rank takes part in gathering the partitioned weights
-        path = None
-        if accelerator.is_main_process:
-            try:
-                path = _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, steps,
-                                  with_result=with_result, final=final)
-            except OutputWriteError as e:
-                last = st.list_states(s.save.output_dir)
-                where = (f"the last complete resume state is {last[-1]}: resume from it with train.resume = 'auto' "
-                         "once the cause is fixed" if last else "no resume state was saved yet")
-                raise OutputWriteError(f"{e}; stopped at step {counters.step}, {where}") from e
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, steps, *, with_result: bool,
-               final: bool) -> Path | None:
-    """The main process writes the result and (unless DeepSpeed) the resume state."""
-    path = None
-    out_dir = Path(s.save.output_dir)
-    trainable = method.trainable_state(model)
-    bad = [k for k, v in trainable.items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        # An update overflowed the weights themselves (the loss guard cannot see that): saving them would put
-        # garbage in a result and a state that fails again at once, so the last good state stays the newest.
-        last = st.list_states(out_dir)
-        raise TrainingStopped(
-            f"the trained weights are no longer finite at step {counters.step} ({len(bad)} tensors, e.g. {bad[0]}), "
-            "so nothing was saved; " + (f"the last good state is {last[-1]} (resume with train.resume = 'auto')"
-                                        if last else "no earlier state exists") + f". {USUAL_FIXES}")
-    if with_result:
-        stem = out_dir / (s.save.output_name if final else f"{s.save.output_name}-step{counters.step:08d}")
-        meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
-        with ema.applied() if ema is not None else nullcontext():
-            path = method.save_result(model, stem, meta)
-        method.save_optimizer_sidecar(path, optimizer)
-        if not final and s.save.save_last_n > 0:
-            _prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
-    if (s.save.save_state or not with_result) and steps.resumable:
-        st.save_state(out_dir, counters, trainable, {
-            "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
-            "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
-            "rng": st.rng_state()}, keep_last=s.save.save_last_n)
-    return path
-
-
-def _prune_results(out_dir: Path, name: str, suffix: str, keep: int) -> None:
-    from library.fileio import remove_atomic
-
-    old = sorted(out_dir.glob(f"{name}-step*{suffix}"))
-    for p in old[:-keep]:
-        for sidecar in out_dir.glob(f"{p.name}.*"):  # e.g. A1111's `.pt.optim`
-            sidecar.unlink()
-        remove_atomic(p)
 
 
 def _sample_prompts(s: LoopSettings):
