@@ -7,13 +7,16 @@ import sys
 from typing import Callable
 
 from library.errors import UserError
+from library.lean import block_unused, unblock_all
 
 
 def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
-    """Run a script's main(); a UserError becomes one `error: ...` line on stderr and its exit code."""
+    """Run a script's main(); a UserError becomes one `error: ...` line on stderr and its exit code. Optional
+    packages the run does not use stay unimported meanwhile (library/lean.py)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
+        block_unused()
         try:
             return fn(*args, **kwargs) or 0
         except UserError as e:
@@ -22,5 +25,7 @@ def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        finally:
+            unblock_all()  # main() called in-process (tests) leaves the interpreter as it found it
 
     return wrapper

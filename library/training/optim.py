@@ -23,6 +23,7 @@ import torch
 
 from library.config.optim import OptimizerConfig, SchedulerConfig
 from library.errors import ConfigError
+from library.lean import unblock
 
 # optimizer_type -> (module, class, pip package)
 _OPTIONAL: dict[str, tuple[str, str, str]] = {
@@ -42,6 +43,7 @@ _OPTIONAL: dict[str, tuple[str, str, str]] = {
 def _import_class(optimizer_type: str) -> type:
     if optimizer_type in _OPTIONAL:
         module_name, class_name, package = _OPTIONAL[optimizer_type]
+        unblock(module_name.partition(".")[0])  # blocked at start-up until used (library/lean.py)
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
