@@ -79,17 +79,34 @@ def make_scheduler(name: str, scheduler_config: dict):
     return cls.from_config(scheduler_config)
 
 
+def pipeline_class(family: str) -> type:
+    """diffusers' StableDiffusionXLPipeline or StableDiffusionPipeline, imported with transformers' "requires
+    torchvision, falling back to the PIL image processor" warnings silenced: the pipeline modules import CLIP and
+    SigLIP image processors for the safety checker and IP-adapter feature extractors, which sampling never builds,
+    and without torchvision (not a dependency) transformers printed two such lines on every run's first sample."""
+    import logging
+
+    quiet = logging.getLogger("transformers.utils.import_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import diffusers
+
+        return diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    finally:
+        quiet.setLevel(level)
+
+
 def build_pipeline(model: SDModel, sampler: str):
     """A diffusers pipeline over the live (training) modules: adapters and hooks apply as they are."""
-    import diffusers
-
     scheduler = make_scheduler(sampler, model.scheduler_config)
+    cls = pipeline_class(model.family)
     if model.family == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline(
+        pipe = cls(
             vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
             tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler)
     else:
-        pipe = diffusers.StableDiffusionPipeline(
+        pipe = cls(
             vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
