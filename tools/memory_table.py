@@ -49,7 +49,7 @@ def _short(label: str) -> str:
 
 def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
     """The markdown table (and its legend) for `entries`, (name, EstimateSpec) pairs; default: `presets()`."""
-    from library.estimate.gpus import GPU, needed_bytes
+    from library.estimate.gpus import GPU, needed_bytes, tight
     from library.estimate.memory import estimate_step
     from library.estimate.report import ladder
 
@@ -70,8 +70,12 @@ def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
         cells = []
         for card in cards:
             chosen = next((e for e in estimates if needed_bytes(e.peak) <= card.memory_gib * 2**30), None)
-            cells.append("no" if chosen is None else "yes" if chosen is base else
-                         f"{_short(chosen.label)} ({needed_bytes(chosen.peak) / 2**30:.1f})")
+            if chosen is None:
+                cells.append("no")
+                continue
+            close = ", tight" if tight(chosen.peak, card) else ""
+            cells.append(f"yes{close}" if chosen is base else
+                         f"{_short(chosen.label)} ({needed_bytes(chosen.peak) / 2**30:.1f}{close})")
         lines.append(f"| {name} | {parts} | {needed_bytes(base.peak) / 2**30:.1f} GiB | " + " | ".join(cells) + " |")
         if log is not None:
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=log, flush=True)
@@ -81,7 +85,8 @@ def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
          "CUDA-context and allocator allowance (library/estimate/gpus.py). Cells: yes = fits as configured; "
          "otherwise the cumulative changes that make it fit and the GiB it then needs (cache = cached latents and "
          "frozen text-encoder outputs, 8-bit = AdamW8bit, ckpt = gradient checkpointing, half batch, offload = "
-         "DeepSpeed ZeRO-2 CPU optimizer offload); no = does not fit even with all of them."),
+         "DeepSpeed ZeRO-2 CPU optimizer offload); tight = under 1.5 GiB to spare (the estimate is not yet checked "
+         "against a GPU, and nvidia-smi shows more); no = does not fit even with all of them."),
     ])
 
 

@@ -21,10 +21,12 @@ from library.estimate.gpus import (
     FRAGMENTATION,
     GIB,
     GPU,
+    TIGHT_MARGIN_GIB,
     allowance_bytes,
     fits,
     load_gpus,
     needed_bytes,
+    tight,
 )
 from library.estimate.memory import Estimate, EstimateSpec, estimate_step, rederive
 
@@ -178,7 +180,12 @@ def report(estimates: list[Estimate], gpus: list[GPU], price_per_hour: float, to
         if price_per_hour > 0:
             row += f"  {'$' + format(total / 3600 * price_per_hour, ',.2f'):>11}"
         row += "  yes" if chosen is base else f"  only with {chosen.label}"
+        if tight(chosen.peak, gpu, context_gib, fragmentation):
+            row += f" (tight: under {TIGHT_MARGIN_GIB:g} GiB to spare)"
         lines.append(row)
+    lines.append(f"Not yet checked against a GPU: cuDNN/cuBLAS workspaces and memory other programs (a desktop) hold"
+                 f" on the card are not included, so nvidia-smi shows more; a fit with under {TIGHT_MARGIN_GIB:g}"
+                 " GiB to spare may not hold.")
     lines.append("Estimated on fake tensors in " + ", ".join(f"{e.seconds:.0f} s" for e in estimates if e.seconds))
     return "\n".join(lines)
 
