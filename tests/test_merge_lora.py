@@ -10,6 +10,7 @@ from library.config.merge import MergeRecipe
 from library.errors import ModelFileError
 from library.merge.recipe import run_recipe
 from library.merge.stream import open_source
+from library.networks.lora_tools import group_modules, lora_delta
 
 A, B = "tiny:sd15:seed=1", "tiny:sd15:seed=2"
 ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -57,6 +58,25 @@ def test_resize_keeps_product_at_full_rank(tmp_path, extracted):
     with safe_open(str(out), framework="pt") as f:
         assert f.get_tensor(f"{name}.lora_down.weight").shape[0] == 2
         assert f.metadata()["ss_network_dim"] == "2" and f.metadata()["sdtk_merge_recipe"] == "# r.safetensors\n"
+        small = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(extracted), framework="pt") as f:
+        old = {k: f.get_tensor(k) for k in f.keys()}
+    assert small.keys() == old.keys()  # every module resized, none dropped
+    # At full rank the resize is lossless: every module's product (scale included) is the extracted one.
+    full = _run(tmp_path, "f.safetensors", merge={"mode": "lora_resize"}, extract={"rank": 256, "lora": str(extracted)})
+    with safe_open(str(full), framework="pt") as f:
+        same = {k: f.get_tensor(k) for k in f.keys()}
+    old_m, small_m, same_m = group_modules(old), group_modules(small), group_modules(same)
+    for module, t in old_m.items():
+        shape = (t["lora_up.weight"].shape[0], *t["lora_down.weight"].shape[1:])
+        delta = lora_delta(t, shape)
+        torch.testing.assert_close(lora_delta(same_m[module], shape), delta, rtol=0, atol=1e-5)
+    # At rank 2 it is the best rank-2 approximation of the product (Eckart-Young), not just any rank-2 pair.
+    t = old_m[name]
+    shape = (t["lora_up.weight"].shape[0], *t["lora_down.weight"].shape[1:])
+    delta = lora_delta(t, shape)
+    error = (lora_delta(small_m[name], shape) - delta).flatten(1).norm().item()
+    assert error == pytest.approx(torch.linalg.svdvals(delta.flatten(1))[2:].norm().item(), rel=1e-4)
 
 
 def test_lora_of_other_family_refused(tmp_path, extracted):
