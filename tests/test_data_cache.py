@@ -81,9 +81,11 @@ def test_disk_cache_reused_then_rebuilt_on_vae_or_resolution_change(images, tmp_
     assert other.calls == 2 and "3 VAE changed" in capsys.readouterr().err
 
     bigger = Counting(other.vae)
-    build_train_data(cfg(images, tmp_path, resolution=128, max_bucket_reso=256), default_resolution=512, seed=0,
-                     vae=bigger)
-    assert bigger.calls >= 1  # new buckets: new cache entries
+    data3 = build_train_data(cfg(images, tmp_path, resolution=128, max_bucket_reso=256), default_resolution=512,
+                             seed=0, vae=bigger)
+    assert "0 reused, 3 to encode" in capsys.readouterr().err  # new buckets: every image encoded again
+    assert bigger.calls == 2  # 128x128 (x2, one VAE batch) and the 96x64 image's bucket
+    assert {tuple(b["latents"].shape[-2:]) for b in data3} == {(16, 16), (12, 20)}
 
 
 def test_touched_image_is_reencoded(images, tmp_path, vae, capsys):
