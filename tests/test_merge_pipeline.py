@@ -129,6 +129,10 @@ def test_writer_writes_back_as_it_goes(tmp_path, monkeypatch):
     monkeypatch.setattr(writers, "WRITEBACK_BYTES", 64)  # request writeback after nearly every tensor
     tensors = {f"t{i}": torch.randn(17 + i, generator=torch.Generator().manual_seed(i)) for i in range(30)}
     path = tmp_path / "w.safetensors"
+    advised = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
+        advised.append((offset, length, advice)), real_fadvise(fd, offset, length, advice)))
     w = SafetensorsWriter(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()})
     for k, v in tensors.items():
         w.write(k, v)
@@ -136,6 +140,12 @@ def test_writer_writes_back_as_it_goes(tmp_path, monkeypatch):
     assert w.fsync_s >= 0
     with safe_open(str(path), framework="pt") as f:
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    # Every tensor (68 bytes or more) fills a 64-byte span: one DONTNEED per write, covering the tensor just written
+    # and the one before it (whose writeback was requested by the previous call and now leaves the cache).
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    spans = [(data_start + w.offsets[k], data_start + w.offsets[k] + v.numel() * 4) for k, v in tensors.items()]
+    assert advised == [(spans[max(i - 1, 0)][0], spans[i][1] - spans[max(i - 1, 0)][0], os.POSIX_FADV_DONTNEED)
+                       for i in range(len(spans))]
 
 
 def _single_file_pair(tmp_path, mixed=False):
