@@ -1,11 +1,13 @@
 """Every file in configs/ loads with the root config of the script it is written for (strictly, with validation)."""
 
 import importlib
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from library.config.core import load_config
+from library.config.schema import to_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 
@@ -45,4 +47,20 @@ def test_config_loads(path):
         return
     module = importlib.import_module(script)
     cfg = load_config(module.CONFIG_CLASS, path)
-    assert cfg is not None
+    assert isinstance(cfg, module.CONFIG_CLASS)
+    # Every value written in the file is the value the script runs with (none dropped or replaced by a default).
+    _assert_contains(to_dict(cfg), tomllib.loads(path.read_text(encoding="utf-8")), path.name)
+
+
+def _assert_contains(loaded, written, where: str) -> None:
+    if isinstance(written, dict):
+        assert isinstance(loaded, dict), where
+        for key, value in written.items():
+            assert key in loaded, f"{where}.{key} is not in the loaded config"
+            _assert_contains(loaded[key], value, f"{where}.{key}")
+    elif isinstance(written, list):
+        assert isinstance(loaded, list) and len(loaded) == len(written), where
+        for i, (a, b) in enumerate(zip(loaded, written)):
+            _assert_contains(a, b, f"{where}[{i}]")
+    else:
+        assert loaded == written and type(loaded) in (type(written), float), (where, loaded, written)
