@@ -164,8 +164,12 @@ def test_star_token_id_is_clips():
 
 def test_other_files_read_as_embeddings():
     # A diffusers-concept file (one tensor under the token's name), and a 1-D vector.
-    (v,) = ti.embedding_vectors({"<cat-toy>": torch.ones(768)}, "sd1", [768], "f")
-    assert v.shape == (1, 768)
+    vec = torch.arange(768.0)
+    (v,) = ti.embedding_vectors({"<cat-toy>": vec}, "sd1", [768], "f")
+    assert v.shape == (1, 768) and torch.equal(v[0], vec)
+    rows = torch.randn(2, 768).half()  # a diffusers-concept file with two vectors, saved in fp16: read as fp32
+    (v,) = ti.embedding_vectors({"<cat-toy>": rows}, "sd1", [768], "f")
+    assert v.dtype == torch.float32 and torch.equal(v, rows.float())
 
 
 @pytest.mark.parametrize("data, family, widths, message", [
