@@ -373,6 +373,14 @@ def test_objective_input_perturbation_changes_input_not_target():
     _, target_noise = make_noise(latents, gen(3), input_perturbation=0.1)
     assert torch.allclose(p.target, L.v_target(latents, target_noise, abar))
     assert not torch.allclose(p.noisy_latents, add_noise(latents, target_noise, p.timesteps, ip.alphas_cumprod))
+    # exactly: the input is noised with the perturbed noise, the target built from the plain one (flow too)
+    input_noise, _ = make_noise(latents, gen(3), input_perturbation=0.1)
+    assert torch.equal(p.noisy_latents, add_noise(latents, input_noise, p.timesteps, ip.alphas_cumprod))
+    flow = Objective(NoiseConfig(input_perturbation=0.1), LossConfig(), "flow", native_resolution=64)
+    p = flow.prepare(latents, gen(3))
+    t = p.timesteps.double() / 1000
+    assert torch.equal(p.noisy_latents, add_flow_noise(latents, input_noise, t))
+    assert torch.equal(p.target, L.flow_target(latents, target_noise))
 
 
 def test_objective_ztsnr_flow_and_resolution_shift():
