@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -27,6 +26,11 @@ from library.config.core import (
 from library.config.fields import opt
 from library.config.schema import check_schema
 from library.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 CALLS: list[str] = []  # validate() hooks append their table's name, so the order can be checked

@@ -4,7 +4,7 @@ any valid config survives dump_toml -> load unchanged."""
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -17,6 +17,11 @@ from library.config.core import config_hash, dump_toml, iter_options, load_confi
 from library.config.fields import opt
 from library.config.schema import Option, build, field_types, non_none
 from library.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

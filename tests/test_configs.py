@@ -1,13 +1,18 @@
 """Every file in configs/ loads with the root config of the script it is written for (strictly, with validation)."""
 
 import importlib
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
 
 from library.config.core import load_config
 from library.config.schema import to_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 

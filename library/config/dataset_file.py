@@ -12,7 +12,7 @@ face_crop_aug_range, enable_wildcard, token warm-up, resize_interpolation, condi
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,11 @@ from library.config.data import DataConfig
 from library.config.fields import opt
 from library.config.schema import build
 from library.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 # Keys of sd-scripts we accept but do not implement -> their neutral value (anything else is refused).
 UNSUPPORTED_NEUTRAL: dict[str, Any] = {

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-import tomllib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +26,11 @@ from library.data import buckets as bk
 from library.data.captions import CaptionOptions, quality_tags_for_scores, split_tags
 from library.data.images import IMAGE_EXTENSIONS, BadImage, ImageHeader, is_image_file, read_header
 from library.errors import ConfigError, DataError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 _REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")
 # Files that normally sit beside images (captions, sd-scripts caches, metadata): not listed as skipped.
