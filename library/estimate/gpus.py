@@ -22,10 +22,14 @@ the same card.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI (requirements.txt)
+    import tomli as tomllib
 
 GPUS_FILE = Path(__file__).resolve().parent / "gpus.toml"
 CONTEXT_GIB = 0.5
