@@ -1,8 +1,9 @@
 """Keep third-party packages from importing, at start-up, an optional package this run does not use.
 
 diffusers (its bitsandbytes quantizer module) and peft (`peft.helpers`) import bitsandbytes whenever it is installed,
-and importing bitsandbytes runs `torch.compile` decorators that import TorchInductor: 2-3 s of every script's start
-on 2 CPU cores (bench/bench_start.py), spent for 8-bit and 4-bit model quantization, which this toolkit does not use.
+and importing bitsandbytes runs `torch.compile` decorators that import TorchInductor: a one-step run on the tiny model
+took 19.5 s with it and 15.5 s without on 2 CPU cores (bench/bench_start.py), time spent for 8-bit and 4-bit model
+quantization, which this toolkit does not use.
 So the scripts start with bitsandbytes blocked, and unblock it where it is used: the 8-bit optimizers
 (library/training/optim.py). Blocking is Python's own mechanism: with `sys.modules[name] = None`, `import name`
 raises ImportError and `importlib.util.find_spec(name)` answers None, which diffusers and peft both take as "not
