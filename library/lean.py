@@ -15,11 +15,17 @@ from __future__ import annotations
 import sys
 
 UNUSED_AT_START = ("bitsandbytes",)
+# Packages that look for bitsandbytes once and remember the answer (diffusers at import, transformers in a cached
+# check): imported before the block, they may have found it and would then fail on the blocked import.
+CHECKERS = ("diffusers", "transformers", "peft", "accelerate")
 _blocked: set[str] = set()
 
 
 def block_unused() -> None:
-    """Block the packages of UNUSED_AT_START that are not imported yet (see the module docstring)."""
+    """Block the packages of UNUSED_AT_START that are not imported yet, at a fresh start only: not once a CHECKER
+    is imported (a script's start imports none of them before this; a test or notebook may have)."""
+    if any(name in sys.modules for name in CHECKERS):
+        return
     for name in UNUSED_AT_START:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]

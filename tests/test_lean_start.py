@@ -20,6 +20,7 @@ def test_block_unused_hides_a_package_until_unblocked(monkeypatch):
     name = "tabnanny"  # a standard-library module nothing here imports
     monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(lean, "UNUSED_AT_START", (name,))
+    monkeypatch.setattr(lean, "CHECKERS", ())  # as at a script's start (this process has imported diffusers)
     assert importlib.util.find_spec(name) is not None
     lean.block_unused()
     try:
@@ -34,9 +35,29 @@ def test_block_unused_hides_a_package_until_unblocked(monkeypatch):
 def test_unblock_leaves_a_block_it_did_not_set(monkeypatch):
     monkeypatch.setitem(sys.modules, "tabnanny", None)  # someone else's block (tests/test_optim.py does this)
     monkeypatch.setattr(lean, "UNUSED_AT_START", ("tabnanny",))
+    monkeypatch.setattr(lean, "CHECKERS", ())
     lean.block_unused()
     lean.unblock("tabnanny")
     assert sys.modules["tabnanny"] is None
+
+
+def test_no_block_once_a_package_that_checks_for_it_is_imported(monkeypatch):
+    monkeypatch.delitem(sys.modules, "tabnanny", raising=False)
+    monkeypatch.setattr(lean, "UNUSED_AT_START", ("tabnanny",))
+    monkeypatch.setattr(lean, "CHECKERS", ("json",))  # imported: it may have found the package already
+    lean.block_unused()
+    assert "tabnanny" not in sys.modules and importlib.util.find_spec("tabnanny") is not None
+
+
+def test_training_after_diffusers_was_imported(tmp_path):
+    """diffusers imported before main() has already found bitsandbytes: main() must not block it (it used to, and
+    diffusers then failed to import its models)."""
+    pytest.importorskip("bitsandbytes")
+    cfg = write_config(tmp_path / "run.toml", tmp_path / "out", "lora", train={"max_train_steps": 1})
+    code = f"import diffusers, sys, train_lora; sys.exit(train_lora.main(['--config', {str(cfg)!r}]))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_training_imports_bitsandbytes_only_for_an_8bit_optimizer(tmp_path):
