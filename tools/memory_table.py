@@ -49,7 +49,7 @@ def _short(label: str) -> str:
 
 def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
     """The markdown table (and its legend) for `entries`, (name, EstimateSpec) pairs; default: `presets()`."""
-    from library.estimate.gpus import GPU, needed_bytes, tight
+    from library.estimate.gpus import GPU, TIGHT_MARGIN_GIB, needed_bytes, tight
     from library.estimate.memory import estimate_step
     from library.estimate.report import ladder
 
@@ -85,8 +85,8 @@ def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
          "CUDA-context and allocator allowance (library/estimate/gpus.py). Cells: yes = fits as configured; "
          "otherwise the cumulative changes that make it fit and the GiB it then needs (cache = cached latents and "
          "frozen text-encoder outputs, 8-bit = AdamW8bit, ckpt = gradient checkpointing, half batch, offload = "
-         "DeepSpeed ZeRO-2 CPU optimizer offload); tight = under 1.5 GiB to spare (the estimate is not yet checked "
-         "against a GPU, and nvidia-smi shows more); no = does not fit even with all of them."),
+         f"DeepSpeed ZeRO-2 CPU optimizer offload); tight = under {TIGHT_MARGIN_GIB:g} GiB to spare (the estimate "
+         "is not yet checked against a GPU, and nvidia-smi shows more); no = does not fit even with all of them."),
     ])
 
 
