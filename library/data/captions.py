@@ -66,10 +66,8 @@ def order_tags(tags: list[str], patterns: tuple[str, ...]) -> list[str]:
     return sorted(tags, key=rank)  # sorted() is stable
 
 
-# Illustrious (Park et al., "Illustrious: an open advanced illustration model", arXiv 2409.19946, tag dropout):
-# (probability, tags dropped as a function of the caption's tag count n). Our reading: the counts are upper bounds,
-# fractional counts are rounded down, the level is drawn once per caption, never more than the droppable tags
-# (protected and kept tags are never dropped) are removed, and with the remaining 36% nothing is dropped.
+# Illustrious (Park et al., "Illustrious: an open advanced illustration model", arXiv 2409.19946, its tag dropout
+# paragraph): (probability, tags KEPT as a function of the caption's tag count n), one level drawn per caption.
 MULTILEVEL_LEVELS: tuple[tuple[float, Callable[[int], int]], ...] = (
     (0.30, lambda n: max(int(0.3 * n), 10)),
     (0.20, lambda n: max(int(0.4 * n), 15)),
@@ -78,14 +76,30 @@ MULTILEVEL_LEVELS: tuple[tuple[float, Callable[[int], int]], ...] = (
 )
 
 
-def multilevel_drop_count(n: int, rng: random.Random) -> int:
-    """How many of n tags to drop: one uniform draw picks the level (30% / 20% / 10% / 4% / none); at most n."""
+def multilevel_keep_count(n: int, rng: random.Random) -> int:
+    """How many of a caption's n tags Illustrious multi-level dropout keeps (one uniform draw picks the level).
+
+    Reading of the report: the four counts are the tags KEPT, not the tags dropped. With 30% keep max(0.3 n, 10),
+    with 20% max(0.4 n, 15), with 10% min(n, 6), with 4% min(n, 4), otherwise (36%) all n; never more than n, and
+    fractional counts round down. Why kept: `min(n, 6)` and `min(n, 4)` only make sense as "at most 6 / 4 tags
+    remain" (as counts dropped they would empty every caption of up to 6 tags), and `max(0.3 n, 10)` as "keep at
+    least 10 of a long list" trims a 100-tag Danbooru caption to 30 while leaving short captions whole. The earlier
+    dropped reading emptied an 8-tag caption in 50% of draws (and a 20-tag one kept 10 or fewer in 50%).
+    The caller never drops protected or fixed (keep_tokens) tags, so they always stay, even past the count.
+
+    Measured over seeds 0..9999 (`transform_caption(caption, CaptionOptions(multilevel_dropout=True),
+    random.Random(seed))`, no protected tags; pinned in tests/test_data_captions.py):
+      n = 8:  empty captions 0.00%, mean tags kept 7.6364, captions that lose a tag 13.93%;
+      n = 20: empty captions 0.00%, mean tags kept 13.9168, captions that lose a tag 64.86%;
+      n = 50: empty captions 0.00%, mean tags kept 27.0053 (expected 0.3*15 + 0.2*20 + 0.1*6 + 0.04*4 + 0.36*50
+              = 27.26).
+    """
     u = rng.random()
     for p, count in MULTILEVEL_LEVELS:
         if u < p:
             return min(n, count(n))
         u -= p
-    return 0
+    return n
 
 
 def quality_tags_for_scores(scores: list[float | None], percentiles: list[float], names: list[str]) -> list[str | None]:
@@ -153,7 +167,9 @@ def _drop_tags(flex: list[str], n_tags: int, opts: CaptionOptions, rng: random.R
     droppable = [i for i, t in enumerate(flex) if not is_protected(t, opts.protected)]
     dropped: set[int] = set()
     if opts.multilevel_dropout:
-        k = min(len(droppable), multilevel_drop_count(n_tags, rng))
+        # Keep `multilevel_keep_count` of all n tags: the fixed and protected ones always stay, so at most
+        # len(droppable) go.
+        k = min(len(droppable), n_tags - multilevel_keep_count(n_tags, rng))
         dropped.update(rng.sample(droppable, k))
     if opts.tag_dropout_rate > 0:
         # sd-scripts `caption_tag_dropout_rate`: each tag independently.
