@@ -1,7 +1,7 @@
 """`Objective`: everything the training loop needs from the diffusion math, behind two calls.
 
-    objective = Objective(cfg.noise, cfg.loss, model.prediction_type, native_resolution=FAMILIES[f].resolution,
-                          scheduler_config=model.scheduler_config)
+    objective = Objective(cfg.noise, cfg.loss, model.prediction_type, scheduler_config=model.scheduler_config,
+                          native_resolution=native_resolution(family, prediction_type, unet_sample_size))
     prepared = objective.prepare(latents, generator)          # noisy latents, timesteps, target
     pred = unet(prepared.noisy_latents, prepared.timesteps, ...).sample
     loss, per_sample = objective.loss(pred, prepared, masks=masks, weights=weights)

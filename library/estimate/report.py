@@ -194,9 +194,9 @@ def spec_from_sections(method: str, family: str, config_dir, train, optimizer, d
                        ti_vectors: int = 1, hn_layer_structure: tuple[float, ...] = (1.0, 2.0, 1.0)) -> EstimateSpec:
     """The EstimateSpec of a run from its resolved tables: `[train]` (TrainConfig, with `deepspeed` when the config
     has it), `[optimizer]`, `[data]` and `[network]`; `family` and `config_dir` as the loaded model says."""
-    from library.models.families import FAMILIES
+    from library.models.families import native_resolution_of_folder
 
-    side = data.resolution or FAMILIES[family].resolution
+    side = data.resolution or native_resolution_of_folder(family, config_dir)
     width, height = (side, side) if isinstance(side, int) else (side[0], side[1])
     deepspeed = getattr(train, "deepspeed", None)
     stage = deepspeed.zero_stage if deepspeed is not None else 0
