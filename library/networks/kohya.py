@@ -220,6 +220,12 @@ def save_kohya(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], 
         raise ModelFileError(f"refusing to write {path}: key {bad[0]} lacks a lora_unet_/lora_te*_ prefix")
     meta = {str(k): str(v) for k, v in metadata.items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # checked on what is written, after any cast: fp16 turns values above 65504 into inf
+        dtypes = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in bad})
+        raise ModelFileError(f"refusing to write {path}: {len(bad)} tensors hold inf or NaN ({', '.join(dtypes)}), "
+                             f"e.g. {', '.join(bad[:3])}; nothing was written. Values above 65504 overflow fp16: save "
+                             "in bf16 or fp32 (save.save_precision / output.precision)")
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
