@@ -397,7 +397,9 @@ def test_objective_ztsnr_flow_and_resolution_shift():
     shifted = Objective(NoiseConfig(resolution_shift=True), LossConfig(), "epsilon", native_resolution=32)
     assert base.shift_for(latents) == 1.0 and shifted.shift_for(latents) == 2.0
     t0, t1 = base.prepare(latents, gen(2)).timesteps, shifted.prepare(latents, gen(2)).timesteps
-    assert torch.equal(S.shift_ddpm_timesteps(t0, base.sigma_table, 2.0), t1) and bool((t1 > t0).any())
+    g = gen(2)
+    torch.randn(latents.shape, generator=g)  # the noise is drawn first, then the timesteps
+    assert torch.equal(S.sample_ddpm_timesteps(64, g, base.sigma_table, shift=2.0), t1) and bool((t1 > t0).any())
     flow = Objective(NoiseConfig(timestep_sampling="logit_normal"), LossConfig(loss_type="huber"), "flow",
                      native_resolution=64)
     p = flow.prepare(latents, gen(4))

@@ -67,7 +67,8 @@ class NoiseConfig:
     logit_std: float = opt(1.0, "standard deviation of the normal behind logit_normal sampling")
     timestep_shift: float = opt(1.0, "multiply every sampled noise level sigma by this (> 1: noisier); 1 = off")
     resolution_shift: bool = opt(
-        False, "also multiply sigma by (image side / native side): NovelAI V3, double sigma_max per doubled side"
+        False, "also multiply sigma by (image side / native side), NovelAI V3's rule; levels past the DDPM schedule's "
+        "top are not drawn (zero_terminal_snr trains the top)"
     )
 
     def validate(self) -> None:

@@ -102,20 +102,35 @@ def sample_unit_times(
     sampling: TimestepSampling = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    low: float = 0.0,
+    high: float = 1.0,
 ) -> torch.Tensor:
-    """u in [0, 1) per sample, float64 on the generator's device.
+    """u in [low, high) per sample, float64 on the generator's device: the distribution below, conditioned on
+    [low, high) (one draw per sample either way, so the generator advances the same).
 
     "uniform": U[0, 1). "logit_normal": sigmoid(n), n ~ N(logit_mean, logit_std) (Esser et al. 2024, SD3,
-    arXiv 2403.03206, sec. 3.1 eq. 19), which puts more samples at middle noise levels.
+    arXiv 2403.03206, sec. 3.1 eq. 19), which puts more samples at middle noise levels. The conditioning is the
+    inverse-CDF one: u = F^-1(F(low) + v (F(high) - F(low))) with v uniform; for the logit-normal
+    F(u) = Phi((logit u - mean) / std), applied to the drawn normal through Phi(n) (torch.special.ndtr / ndtri).
     """
     device = generator.device
+    whole = low <= 0.0 and high >= 1.0
     match sampling:
         case "uniform":
-            return torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+            u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+            return u if whole else low + u * (high - low)
         case "logit_normal":
             n = torch.randn(batch_size, generator=generator, device=device, dtype=torch.float64)
+            if not whole:
+                def cdf(x: float) -> float:  # Phi of the standard normal at the logit of x
+                    return 0.0 if x <= 0.0 else 1.0 if x >= 1.0 else (
+                        torch.special.ndtr(torch.tensor((math.log(x / (1.0 - x)) - logit_mean) / logit_std,
+                                                        dtype=torch.float64)).item())
+                a, b = cdf(low), cdf(high)
+                n = torch.special.ndtri(a + torch.special.ndtr(n) * (b - a))
             # Clamp below 1 so that u * range never reaches the exclusive upper timestep.
-            return torch.sigmoid(n * logit_std + logit_mean).clamp(max=1.0 - 1e-12)
+            u = torch.sigmoid(n * logit_std + logit_mean).clamp(max=1.0 - 1e-12)
+            return u if whole else u.clamp(low, math.nextafter(high, 0.0))
         case _:
             raise ValueError(f"unknown timestep sampling {sampling!r}: expected 'uniform' or 'logit_normal'")
 
@@ -135,8 +150,9 @@ def shift_ddpm_timesteps(timesteps: torch.Tensor, sigmas: torch.Tensor, shift: f
 
     How the NovelAI rule is mapped onto a DDPM UNet: the UNet only knows timesteps 0..T-1 and their abar, so sigma_max
     itself cannot be raised; instead every sampled sigma is scaled by the same factor (a constant shift of log sigma,
-    which is what "double sigma_max" does to the top of a k-diffusion schedule) and snapped back to the table. Shifts
-    above the table's range saturate at the last timestep. `sigmas` must be increasing (it is for every DDPM schedule).
+    which is what "double sigma_max" does to the top of a k-diffusion schedule) and snapped back to the table. Here
+    targets beyond the table saturate at its ends; `sample_ddpm_timesteps` never draws such a source timestep (see
+    `shift_source_range`). `sigmas` must be increasing (it is for every DDPM schedule).
     """
     if shift == 1.0:
         return timesteps
@@ -158,6 +174,33 @@ def shift_flow_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def shift_source_range(sigmas: torch.Tensor, shift: float, min_timestep: int, max_timestep: int) -> tuple[int, int]:
+    """The source timesteps [lo, hi) whose shifted noise level the table can represent within [min_timestep,
+    max_timestep): those whose sigma * shift lies inside the log-sigma cells of the allowed timesteps.
+
+    The cell of a timestep is the range of log sigma that snaps to it (`shift_ddpm_timesteps`): up to the midpoints
+    with its neighbours, and at the two ends of the table half its one gap beyond it, so the first and last steps get
+    cells as wide as the others instead of everything beyond the table. At zero terminal SNR the last sigma is inf
+    and nothing is cut at the top (sigma_max is already infinite). (lo, hi) = (min, max) at shift 1; lo == hi
+    when no source fits.
+    """
+    log_table = sigmas.to(torch.float64).log()
+    lo_i, hi_i = min_timestep, max_timestep - 1
+    if lo_i > 0:
+        lower = (log_table[lo_i - 1] + log_table[lo_i]) / 2
+    else:
+        lower = log_table[0] - (log_table[1] - log_table[0]) / 2
+    if hi_i < len(log_table) - 1:
+        upper = (log_table[hi_i] + log_table[hi_i + 1]) / 2
+    else:
+        upper = log_table[-1] + (log_table[-1] - log_table[-2]) / 2  # inf - finite = inf at zero terminal SNR
+    target = log_table[min_timestep:max_timestep] + math.log(shift)
+    inside = ((target > lower) & (target <= upper)).nonzero().flatten()
+    if len(inside) == 0:
+        return min_timestep, min_timestep
+    return min_timestep + int(inside[0]), min_timestep + int(inside[-1]) + 1  # contiguous: target is increasing
+
+
 def sample_ddpm_timesteps(
     batch_size: int,
     generator: torch.Generator,
@@ -170,14 +213,27 @@ def sample_ddpm_timesteps(
     logit_std: float = 1.0,
     shift: float = 1.0,
 ) -> torch.Tensor:
-    """Integer timesteps (long [B]) in [min_timestep, max_timestep), then shifted by `shift` (see
-    `shift_ddpm_timesteps`) and clamped back into [min_timestep, max_timestep - 1] so the user's bounds always hold.
+    """Integer timesteps (long [B]) in [min_timestep, max_timestep), shifted by `shift` (`shift_ddpm_timesteps`).
 
-    With uniform sampling and shift 1 this is sd-scripts' `torch.randint(min_timestep, max_timestep, (B,))`.
+    With shift 1 this is sd-scripts' `torch.randint(min_timestep, max_timestep, (B,))` (uniform sampling). With a
+    shift, the source timestep is drawn from the same distribution conditioned on its shifted noise level being one
+    the allowed range represents (`shift_source_range`), i.e. the shifted distribution truncated to the table and
+    renormalised. What the table cannot hold is not trained rather than piled onto the end steps: at shift 2 (a canvas
+    side twice the native one) without it 12.7 % of the samples clamped to t = 999; with it t = 999 gets the share
+    of its own log-sigma cell, as every other step does. Raising sigma_max itself (NovelAI V3, sec. 2.3) needs
+    timesteps the UNet never saw; zero terminal SNR (noise.zero_terminal_snr) is the way to train the top of the
+    range, and there nothing is cut. Where no source fits, every sample takes the nearest allowed end step.
     """
     max_timestep = len(sigmas) if max_timestep is None else max_timestep
-    u = sample_unit_times(batch_size, generator, sampling=sampling, logit_mean=logit_mean, logit_std=logit_std)
-    timesteps = (u * (max_timestep - min_timestep)).floor().long() + min_timestep
+    span = max_timestep - min_timestep
+    lo, hi = (min_timestep, max_timestep) if shift == 1.0 else shift_source_range(sigmas, shift, min_timestep, max_timestep)
+    unit = dict(sampling=sampling, logit_mean=logit_mean, logit_std=logit_std)
+    if hi == lo:  # nothing representable: the draw is still made, so the generator advances the same
+        sample_unit_times(batch_size, generator, **unit)
+        end = max_timestep - 1 if shift > 1.0 else min_timestep
+        return torch.full((batch_size,), end, dtype=torch.long, device=generator.device)
+    u = sample_unit_times(batch_size, generator, **unit, low=(lo - min_timestep) / span, high=(hi - min_timestep) / span)
+    timesteps = ((u * span).floor().long() + min_timestep).clamp(lo, hi - 1)
     timesteps = shift_ddpm_timesteps(timesteps, sigmas.to(timesteps.device), shift)
     return timesteps.clamp(min_timestep, max_timestep - 1)
 
