@@ -30,6 +30,11 @@ class DataConfig:
     dataset_config: str = opt("", "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]); when set it defines the datasets.")
     metadata_file: str = opt("", "JSON / JSONL metadata (path, caption, tags, optional score) for images in train_data_dir.")
     class_tokens: str = opt("", "Caption for images without a caption file when train_data_dir holds the images directly.")
+    dataset_path: str = opt("", "Local Hugging Face `datasets` dataset instead of train_data_dir: a parquet file or folder, a save_to_disk folder, or an imagefolder with metadata.jsonl / metadata.csv.")
+    dataset_name: str = opt("", "Hugging Face dataset id (needs the hub, or its local cache), loaded with datasets.load_dataset.")
+    dataset_split: str = opt("train", "Split of dataset_path / dataset_name to train on.")
+    image_column: str = opt("image", "dataset_path / dataset_name: column holding the images (an Image column, bytes, or file paths).")
+    caption_column: str = opt("text", "dataset_path / dataset_name: column holding the captions; '' = none (class_tokens or caption levels only).")
     # --- sd-scripts dataset keys ---
     resolution: int | list[int] = opt(0, "Training resolution: a side, or [width, height]; 0 = the model family's native size.")
     batch_size: int = opt(1, "Images per batch per device (sd-scripts --train_batch_size).")
@@ -65,6 +70,10 @@ class DataConfig:
     quality_percentiles: list[float] = opt(DEFAULT_QUALITY_PERCENTILES, "Upper percentile bound of each quality tag, worst first; last must be 100.")
     quality_tag_names: list[str] = opt(DEFAULT_QUALITY_TAGS, "Quality tags, worst first (one per percentile bound).")
     tag_order: list[str] = opt([], "Fixed tag order: tags matching these patterns move to the front, in this order.")
+    caption_levels: dict[str, float] = opt({}, "Z-Image caption levels: weight per level (tags, short, detailed), e.g. {tags = 2, short = 1, detailed = 1}; one level is drawn per image per epoch. Empty = off.")
+    tags_column: str = opt("tags", "dataset_path / dataset_name: column of the 'tags' caption level.")
+    short_column: str = opt("short", "dataset_path / dataset_name: column of the 'short' caption level.")
+    detailed_column: str = opt("detailed", "dataset_path / dataset_name: column of the 'detailed' caption level.")
     # --- ours: batching ---
     bucket_mode: BucketMode = opt("sd-scripts", "'sd-scripts': fixed batch_size; 'sequence_length': batch size per bucket from tokens_per_batch.")
     tokens_per_batch: int = opt(0, "sequence_length mode: latent tokens ((H/8)*(W/8)) per batch; 0 = batch_size at resolution.")
@@ -100,6 +109,13 @@ class DataConfig:
         if self.cache_latents and self.random_crop:
             raise ConfigError("data.random_crop = true cannot be used with data.cache_latents = true "
                               "(a cached latent has one fixed crop); turn one of them off")
+        check_caption_levels(self.caption_levels, "data.caption_levels")
+        sources = [k for k in ("train_data_dir", "dataset_path", "dataset_name") if getattr(self, k)]
+        if len(sources) > 1:
+            raise ConfigError(f"data.{' and data.'.join(sources)} are both set: give the training images one way")
+        if self.metadata_file and (self.dataset_path or self.dataset_name):
+            raise ConfigError("data.metadata_file is for image folders; a dataset_path / dataset_name brings its "
+                              "captions in data.caption_column: remove data.metadata_file")
         if self.cache_text_encoder_outputs:
             live = [k for k in ("shuffle_caption", "multilevel_tag_dropout") if getattr(self, k)]
             live += [k for k in ("caption_dropout_rate", "caption_tag_dropout_rate", "synonym_probability",
@@ -112,6 +128,18 @@ class DataConfig:
             raise ConfigError("data.cache_latents_to_disk = true needs data.cache_latents = true")
         if self.prior_loss_weight < 0:
             raise ConfigError(f"data.prior_loss_weight must not be negative (got {self.prior_loss_weight})")
+
+
+def check_caption_levels(levels: dict[str, float], where: str) -> None:
+    """Known level names (captions.CAPTION_LEVELS), weights >= 0 and not all 0."""
+    from library.data.captions import CAPTION_LEVELS
+
+    unknown = sorted(set(levels) - set(CAPTION_LEVELS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown caption level(s) {', '.join(unknown)}; the levels are "
+                          f"{', '.join(CAPTION_LEVELS)}")
+    if any(not isinstance(w, (int, float)) or w < 0 for w in levels.values()) or (levels and not sum(levels.values())):
+        raise ConfigError(f"{where}: weights must be numbers >= 0, not all 0 (got {levels})")
 
 
 def check_quality(percentiles: list[float], names: list[str], table: str) -> None:

@@ -7,6 +7,9 @@ from the subset, else its dataset, else `[general]`, else the `[data]` table (sd
 Checked as strictly as every other table: an unknown key, a key in the wrong place, or a wrong type is a
 ConfigError naming the file, the table and the valid keys. sd-scripts keys sdtk does not implement (color_aug,
 face_crop_aug_range, enable_wildcard, token warm-up, resize_interpolation, conditioning_data_dir) are accepted only at their neutral value, and refused otherwise, never silently ignored.
+sdtk additions: a subset may give its images as a Hugging Face `datasets` dataset (`dataset_path` or `dataset_name`
+in `[[datasets.subsets]]`, with `dataset_split`, `image_column`, `caption_column` and the caption-level columns
+allowed at every level), instead of `image_dir` / `metadata_file`.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ class _SubsetKeys:
     token_warmup_min: int | None = opt(None, "Not supported by sdtk (only 1).")
     token_warmup_step: float | None = opt(None, "Not supported by sdtk (only 0).")
     resize_interpolation: str | None = opt(None, "Not supported by sdtk (Lanczos is used).")
+    # sdtk: Hugging Face `datasets` subsets (dataset_path / dataset_name) and caption levels
+    dataset_split: str | None = opt(None, "Split of the subset's dataset_path / dataset_name.")
+    image_column: str | None = opt(None, "Image column of a dataset_path / dataset_name subset.")
+    caption_column: str | None = opt(None, "Caption column of a dataset_path / dataset_name subset ('' = none).")
+    tags_column: str | None = opt(None, "Column of the 'tags' caption level.")
+    short_column: str | None = opt(None, "Column of the 'short' caption level.")
+    detailed_column: str | None = opt(None, "Column of the 'detailed' caption level.")
 
 
 @dataclass
@@ -88,6 +98,8 @@ class SubsetTable(_SubsetKeys):
     image_dir: str | None = opt(None, "Folder holding the images directly (required unless metadata_file has full paths).")
     metadata_file: str | None = opt(None, "Fine-tuning metadata JSON / JSONL (makes this a fine-tuning subset).")
     class_tokens: str | None = opt(None, "Caption for images without a caption file.")
+    dataset_path: str | None = opt(None, "sdtk: a local Hugging Face `datasets` dataset (parquet, save_to_disk, imagefolder) instead of image_dir.")
+    dataset_name: str | None = opt(None, "sdtk: a Hugging Face dataset id instead of image_dir.")
     is_reg: bool | None = opt(None, "Regularization (prior preservation) images.")
     conditioning_data_dir: str | None = opt(None, "ControlNet data; not supported by sdtk.")
 
@@ -132,6 +144,14 @@ class SubsetSpec:
     random_crop: bool
     alpha_mask: bool
     name: str = ""  # shown in reports and ss_tag_frequency (folder name)
+    dataset_path: str = ""  # a Hugging Face `datasets` subset (library/data/hfdata.py) instead of image_dir
+    dataset_name: str = ""
+    dataset_split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    tags_column: str = "tags"
+    short_column: str = "short"
+    detailed_column: str = "detailed"
 
 
 @dataclass
@@ -149,7 +169,7 @@ class DatasetSpec:
     skip_image_resolution: int | list[int] = 0  # a side or [width, height]; 0 = keep every image
 
 
-SUBSET_FIELDS = [f.name for f in dataclasses.fields(SubsetSpec) if f.name not in ("image_dir", "metadata_file", "class_tokens", "is_reg", "name")]
+SUBSET_FIELDS = [f.name for f in dataclasses.fields(SubsetSpec) if f.name not in ("image_dir", "metadata_file", "class_tokens", "is_reg", "name", "dataset_path", "dataset_name")]
 DATASET_FIELDS = [f.name for f in dataclasses.fields(DatasetSpec) if f.name not in ("resolution", "subsets")]
 
 
@@ -182,14 +202,21 @@ def parse_dataset_dict(raw: dict, source: str) -> DatasetFile:
     for i, ds in enumerate(df.datasets):
         if not ds.subsets:
             raise ConfigError(f"{source}: [[datasets]] #{i + 1} has no [[datasets.subsets]]")
-        kinds = {s.metadata_file is not None for s in ds.subsets}
+        # A `datasets` subset brings a caption per image, so it is of the fine-tuning kind.
+        kinds = {s.metadata_file is not None or s.dataset_path is not None or s.dataset_name is not None
+                 for s in ds.subsets}
         if len(kinds) > 1:  # sd-scripts: the method is decided per dataset
             raise ConfigError(f"{source}: [[datasets]] #{i + 1} mixes subsets with and without metadata_file; "
                               "put fine-tuning (metadata_file) and DreamBooth subsets in separate [[datasets]]")
         for j, s in enumerate(ds.subsets):
             where = f"{source}: [[datasets]] #{i + 1} [[datasets.subsets]] #{j + 1}"
-            if s.image_dir is None and s.metadata_file is None:
-                raise ConfigError(f"{where}: set image_dir (or metadata_file)")
+            given = [k for k in ("image_dir", "dataset_path", "dataset_name") if getattr(s, k) is not None]
+            if not given and s.metadata_file is None:
+                raise ConfigError(f"{where}: set image_dir (or metadata_file, dataset_path, dataset_name)")
+            ways = given + (["metadata_file"] if s.metadata_file is not None else [])
+            if any(w.startswith("dataset_") for w in ways) and len(ways) > 1:
+                raise ConfigError(f"{where}: {' and '.join(ways)} are different ways to give a subset's images; "
+                                  "keep one")
             for table in (df.general, ds, s):
                 for key, neutral in UNSUPPORTED_NEUTRAL.items():
                     value = getattr(table, key, None)
@@ -219,9 +246,11 @@ def resolve_datasets(df: DatasetFile, base: DataConfig, default_resolution: int,
             values = {k: pick(k, sub_chain) for k in SUBSET_FIELDS}
             image_dir = _resolve_path(s.image_dir, base_dir)
             meta = _resolve_path(s.metadata_file, base_dir)
+            dataset_path = _resolve_path(s.dataset_path, base_dir)
             subsets.append(SubsetSpec(
                 image_dir=image_dir, metadata_file=meta, class_tokens=s.class_tokens or "", is_reg=bool(s.is_reg),
-                name=Path(image_dir or meta).name, **values))
+                name=Path(image_dir or meta or dataset_path).name or (s.dataset_name or ""),
+                dataset_path=dataset_path, dataset_name=s.dataset_name or "", **values))
         out.append(DatasetSpec(resolution=res, subsets=subsets, **{k: pick(k) for k in DATASET_FIELDS}))
     return out
 

@@ -44,10 +44,13 @@ class CacheRequest:
     mask: bool  # also cache the alpha mask
     mtime_ns: int
     file_size: int
+    source: object = None  # hfdata.RowImages: the image is `row` of a dataset (keyed by its fingerprint)
+    row: int = -1
 
     @property
     def key(self) -> str:
-        return f"{self.path.resolve()}|{self.bucket[0]}x{self.bucket[1]}|{self.resized[0]}x{self.resized[1]}"
+        where = self.source.cache_key(self.row) if self.source is not None else self.path.resolve()
+        return f"{where}|{self.bucket[0]}x{self.bucket[1]}|{self.resized[0]}x{self.resized[1]}"
 
     def record(self, vae_id: str, dtype: torch.dtype) -> dict:
         """What the cached latent depends on (compared field by field with the manifest)."""
@@ -95,7 +98,8 @@ class _EncodeInputs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.requests[i]
         try:
-            pixels, mask = prepare_image(load_image(r.path, r.resized), r.resized, r.bucket, r.crop, False, r.mask)
+            img = r.source.load(r.row, r.resized) if r.source is not None else load_image(r.path, r.resized)
+            pixels, mask = prepare_image(img, r.resized, r.bucket, r.crop, False, r.mask)
         except BadImage as e:
             return {"i": i, "error": str(e)}
         return {"i": i, "pixels": pixels, "mask": mask}

@@ -19,6 +19,7 @@ The random draws happen in a fixed order, so the same (caption, options, seed) a
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import fnmatch
 import random
 from collections import Counter
@@ -43,6 +44,14 @@ class CaptionOptions:
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     synonym_probability: float = 0.0
     tag_order: tuple[str, ...] = ()
+    levels: tuple[tuple[str, float], ...] = ()  # caption level -> weight (choose_caption); () = off
+
+
+# The caption levels of the Z-Image report (tags / short / detailed captions of each image). Files: `foo.tags.txt`,
+# `foo.short.txt`, `foo.detailed.txt` beside `foo.png` (level name, then the caption extension); `datasets` columns
+# and metadata keys of those names (sd-scripts metadata `tags` -> tags, `caption` -> short).
+CAPTION_LEVELS = ("tags", "short", "detailed")
+PROSE_LEVELS = frozenset({"short", "detailed"})
 
 
 def split_tags(text: str, separator: str) -> list[str]:
@@ -125,6 +134,40 @@ def pick_caption_line(lines: list[str], rng: random.Random) -> str:
     if not lines:
         return ""
     return lines[0] if len(lines) == 1 else lines[rng.randrange(len(lines))]
+
+
+def choose_caption(captions: list[str], levels: dict[str, list[str]], opts: CaptionOptions,
+                   rng: random.Random) -> tuple[str, CaptionOptions]:
+    """The caption text of one (epoch, sample) and the transforms that apply to it.
+
+    Without `opts.levels`: a line of `captions` (pick_caption_line), with `opts` unchanged; no extra draw.
+    With them: one level is drawn among those the image has, by weight (an image without any of the weighted levels
+    uses `captions`), then a line of it. Shuffle, tag dropout, multi-level dropout, synonyms and tag order apply to
+    the `tags` level only: `short` and `detailed` are prose, whose word order is meaning (prefix / suffix, the
+    quality tag and whole-caption dropout still apply to them).
+    """
+    if not opts.levels:
+        return pick_caption_line(captions, rng), opts
+    have = [(name, w) for name, w in opts.levels if w > 0 and levels.get(name)]
+    u = rng.random() * sum(w for _, w in have)  # one draw, also when the image has no level (fixed draw order)
+    if not have:
+        return pick_caption_line(captions, rng), opts
+    name = have[-1][0]
+    for n, w in have:
+        if u < w:
+            name = n
+            break
+        u -= w
+    text = pick_caption_line(levels[name], rng)
+    if name in PROSE_LEVELS:
+        return text, prose_options(opts)
+    return text, opts
+
+
+def prose_options(opts: CaptionOptions) -> CaptionOptions:
+    """`opts` without the tag-list transforms (for a prose caption level)."""
+    return dataclasses.replace(opts, shuffle=False, tag_dropout_rate=0.0, multilevel_dropout=False,
+                               synonym_probability=0.0, tag_order=())
 
 
 def caption_dropped(opts: CaptionOptions, epoch: int, rng: random.Random) -> bool:

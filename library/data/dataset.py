@@ -5,7 +5,10 @@ Sources (as sd-scripts reads them):
 - `data.train_data_dir`: sd-scripts DreamBooth layout (`<repeats>_<class tokens>` sub-folders) or, when the folder
   has no such sub-folder, the images directly (repeats = data.num_repeats, class tokens = data.class_tokens);
   `demo:<name>` is the built-in demo dataset; `data.metadata_file` makes it a fine-tuning subset instead;
-- `data.reg_data_dir`: the same layout, as regularization subsets.
+- `data.reg_data_dir`: the same layout, as regularization subsets;
+- `data.dataset_path` / `data.dataset_name`: a Hugging Face `datasets` dataset (library/data/hfdata.py).
+Caption levels (captions.CAPTION_LEVELS) come from `foo.tags.txt` / `foo.short.txt` / `foo.detailed.txt` beside
+`foo.png`, metadata keys `tags` / `short` (alias `caption`) / `detailed`, or the dataset's level columns.
 Image sizes come from file headers only. A file that cannot be used is skipped and listed with its reason.
 """
 
@@ -23,8 +26,9 @@ from pathlib import Path
 from library.config.data import DataConfig
 from library.config.dataset_file import DatasetSpec, SubsetSpec, load_dataset_file, resolve_datasets, resolution_pair
 from library.data import buckets as bk
-from library.data.captions import CaptionOptions, quality_tags_for_scores, split_tags
-from library.data.images import IMAGE_EXTENSIONS, BadImage, ImageHeader, is_image_file, read_header
+from library.data.captions import CAPTION_LEVELS, CaptionOptions, quality_tags_for_scores, split_tags
+from library.data.images import (IMAGE_EXTENSIONS, BadImage, ImageHeader, is_image_file, load_image, read_header,
+                                 read_header_bytes)
 from library.errors import ConfigError, DataError
 
 if sys.version_info >= (3, 11):
@@ -49,6 +53,14 @@ class ImageItem:
     score: float | None = None
     quality_tag: str | None = None
     placement: bk.Placement | None = None
+    levels: dict[str, list[str]] = field(default_factory=dict)  # caption level -> alternatives
+    source: object = None  # hfdata.RowImages when the image is bytes in a dataset row (then `path` is a label)
+    row: int = -1
+
+
+def load_item_image(it: ImageItem, fit: bk.Size | None = None):
+    """Decode an item's image (a file, or a dataset row's bytes). Raises BadImage."""
+    return it.source.load(it.row, fit) if it.source is not None else load_image(it.path, fit)
 
 
 @dataclass
@@ -72,15 +84,22 @@ def dataset_specs(cfg: DataConfig, default_resolution: int) -> list[DatasetSpec]
         if ignored:  # sd-scripts ignores them too when a dataset config is given
             print(f"warning: data.{', data.'.join(ignored)} ignored: data.dataset_config defines the datasets",
                   file=sys.stderr)
-    elif cfg.train_data_dir:
-        subsets = _folder_subsets(cfg, cfg.train_data_dir, is_reg=False)
+    elif cfg.train_data_dir or cfg.dataset_path or cfg.dataset_name:
+        if cfg.train_data_dir:
+            subsets = _folder_subsets(cfg, cfg.train_data_dir, is_reg=False)
+        else:
+            path = str(Path(cfg.dataset_path).expanduser()) if cfg.dataset_path else ""
+            subsets = [_subset(cfg, "", is_reg=False, repeats=cfg.num_repeats, class_tokens=cfg.class_tokens,
+                               name=Path(path).name or cfg.dataset_name, dataset_path=path,
+                               dataset_name=cfg.dataset_name)]
         if cfg.reg_data_dir:
             subsets += _folder_subsets(cfg, cfg.reg_data_dir, is_reg=True)
         res = resolution_pair(cfg.resolution, default_resolution, "data.resolution")
         specs = [DatasetSpec(res, cfg.batch_size, cfg.enable_bucket, cfg.min_bucket_reso, cfg.max_bucket_reso,
                              cfg.bucket_reso_steps, cfg.bucket_no_upscale, subsets, cfg.skip_image_resolution)]
     else:
-        raise ConfigError("no training data: set data.train_data_dir (a folder, or 'demo:shapes') or data.dataset_config")
+        raise ConfigError("no training data: set data.train_data_dir (a folder, or 'demo:shapes'), data.dataset_path "
+                          "(a Hugging Face datasets folder or parquet file) or data.dataset_config")
     for i, spec in enumerate(specs):
         _check_spec(spec, f"dataset #{i + 1}")
     return specs
@@ -104,11 +123,12 @@ def _check_spec(spec: DatasetSpec, where: str) -> None:
 
 
 def _subset(cfg: DataConfig, image_dir: str, *, is_reg: bool, repeats: int, class_tokens: str, name: str,
-            metadata_file: str = "") -> SubsetSpec:
+            metadata_file: str = "", dataset_path: str = "", dataset_name: str = "") -> SubsetSpec:
     keys = {k: getattr(cfg, k) for k in SubsetSpec.__dataclass_fields__
-            if k not in ("image_dir", "metadata_file", "class_tokens", "is_reg", "name", "num_repeats")}
+            if k not in ("image_dir", "metadata_file", "class_tokens", "is_reg", "name", "num_repeats",
+                         "dataset_path", "dataset_name")}
     return SubsetSpec(image_dir=image_dir, metadata_file=metadata_file, class_tokens=class_tokens, is_reg=is_reg,
-                      num_repeats=repeats, name=name, **keys)
+                      num_repeats=repeats, name=name, dataset_path=dataset_path, dataset_name=dataset_name, **keys)
 
 
 def _folder_subsets(cfg: DataConfig, folder: str, *, is_reg: bool) -> list[SubsetSpec]:
@@ -147,9 +167,12 @@ def index_datasets(specs: list[DatasetSpec], cfg: DataConfig) -> DataIndex:
         for s in spec.subsets:
             si = len(index.subsets)
             index.subsets.append(s)
-            items = _scan_metadata(s, di, si, index) if s.metadata_file else _scan_folder(s, di, si, index)
+            if s.dataset_path or s.dataset_name:
+                items = _scan_dataset(s, di, si, index)
+            else:
+                items = _scan_metadata(s, di, si, index) if s.metadata_file else _scan_folder(s, di, si, index)
             if not items:
-                where = s.metadata_file or s.image_dir
+                where = s.metadata_file or s.image_dir or s.dataset_path or s.dataset_name
                 raise DataError(f"{where}: no usable images (supported: .png .jpg .jpeg .webp .bmp"
                                 f"{'; see the skipped files above' if index.skipped else ''})")
             if spec.skip_image_resolution:
@@ -169,8 +192,8 @@ def index_datasets(specs: list[DatasetSpec], cfg: DataConfig) -> DataIndex:
     if index.missing_captions:
         lines = "\n".join(f"  {p}" for p in index.missing_captions[:20])
         more = f"\n  ... and {len(index.missing_captions) - 20} more" if len(index.missing_captions) > 20 else ""
-        print(f"warning: {len(index.missing_captions)} image(s) have no caption file; using their class tokens "
-              f"(or an empty caption):\n{lines}{more}", file=sys.stderr)
+        print(f"warning: {len(index.missing_captions)} image(s) have no caption file (or dataset caption); using "
+              f"their class tokens (or an empty caption):\n{lines}{more}", file=sys.stderr)
     if cfg.quality_tags:
         tags = quality_tags_for_scores([it.score for it in index.items], cfg.quality_percentiles, cfg.quality_tag_names)
         for it, tag in zip(index.items, tags):
@@ -228,7 +251,7 @@ def caption_options(s: SubsetSpec, cfg: DataConfig, synonyms: dict[str, tuple[st
         dropout_every_n_epochs=s.caption_dropout_every_n_epochs, tag_dropout_rate=s.caption_tag_dropout_rate,
         prefix=s.caption_prefix, suffix=s.caption_suffix, multilevel_dropout=cfg.multilevel_tag_dropout,
         protected=tuple(cfg.protected_tags), synonyms=synonyms, synonym_probability=cfg.synonym_probability,
-        tag_order=tuple(cfg.tag_order))
+        tag_order=tuple(cfg.tag_order), levels=tuple((k, float(w)) for k, w in cfg.caption_levels.items()))
 
 
 def load_synonyms(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
@@ -260,7 +283,7 @@ def subset_tag_frequency(index: DataIndex) -> dict[str, dict[str, int]]:
         s = index.subsets[it.subset]
         freq = out[s.name]
         tags = set()
-        for line in it.captions:
+        for line in it.captions + it.levels.get("tags", []):
             tags.update(split_tags(line, s.caption_separator))
         for t in tags:
             freq[t] = freq.get(t, 0) + 1
@@ -330,18 +353,26 @@ def _scan_folder(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[Imag
             index.skipped.append((path, str(header)))
             continue
         cap = path.stem + s.caption_extension
+        levels = {lvl: _read_caption(root / f) for lvl in CAPTION_LEVELS
+                  if (f := f"{path.stem}.{lvl}{s.caption_extension}") in present}
         if cap in present:
             captions = _read_caption(root / cap)
         else:
-            index.missing_captions.append(path)
+            if not any(levels.values()):
+                index.missing_captions.append(path)
             captions = [s.class_tokens] if s.class_tokens else []
-        items.append(ImageItem(path, captions, header, di, si, s.is_reg, s.num_repeats))
+        items.append(ImageItem(path, captions, header, di, si, s.is_reg, s.num_repeats,
+                               levels={k: v for k, v in levels.items() if v}))
     return items
 
 
 def _scan_metadata(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[ImageItem]:
     """sd-scripts metadata JSON ({image key: {"caption", "tags"}}) or a JSON list / JSONL of records
-    {"path" | "file_name" | "image", "caption", "tags" (string or list), "score"}; captions and tags are joined."""
+    {"path" | "file_name" | "image", "caption", "tags" (string or list), "score", "short", "detailed"}.
+
+    The caption is `caption` and `tags` joined with the separator, as sd-scripts' FineTuningDataset joins them
+    (library/train_util.py); with data.caption_levels they are the levels `short` and `tags` instead, chosen between
+    per sample (a record's own `short` key wins over `caption`)."""
     meta = Path(s.metadata_file)
     try:
         text = meta.read_text(encoding="utf-8-sig")
@@ -372,12 +403,51 @@ def _scan_metadata(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[Im
             continue
         tags = rec.get("tags") or ""
         tags = ", ".join(tags) if isinstance(tags, list) else str(tags)
-        caption = ", ".join(t for t in (str(rec.get("caption") or "").strip(), tags.strip()) if t)
+        sep = s.caption_separator + " " if s.caption_separator == "," else s.caption_separator
+        caption = sep.join(t for t in (str(rec.get("caption") or "").strip(), tags.strip()) if t)
+        levels = {"tags": tags.strip(), "short": str(rec.get("short") or rec.get("caption") or "").strip(),
+                  "detailed": str(rec.get("detailed") or "").strip()}
+        caption = caption or levels["short"] or levels["detailed"]
         score = rec.get("score")
         if score is not None and not isinstance(score, (int, float)):
             raise DataError(f"metadata file {meta}: record {n + 1} has a non-numeric score {score!r}")
         items.append(ImageItem(path, [caption] if caption else [], header, di, si, s.is_reg, s.num_repeats,
-                               score=None if score is None else float(score)))
+                               score=None if score is None else float(score),
+                               levels={k: [v] for k, v in levels.items() if v}))
+    return items
+
+
+def _scan_dataset(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[ImageItem]:
+    """A Hugging Face `datasets` subset: one item per row (hfdata.py); rows with a file path are file items."""
+    from library.data import hfdata
+
+    where = f"dataset {s.dataset_path or s.dataset_name!r} (subset '{s.name}')"
+    ds = hfdata.open_dataset(s.dataset_path, s.dataset_name, s.dataset_split)
+    hfdata.check_columns(ds, s.image_column, s.caption_column, where)
+    rows = hfdata.RowImages(ds, s.image_column, s.dataset_path or s.dataset_name)
+    items = []
+    for row, data, path, captions, levels in hfdata.scan_rows(s, ds, where):
+        source = None
+        if data is not None:
+            source, shown = rows, rows.display(row)
+            try:
+                header = read_header_bytes(data)
+            except BadImage as e:
+                index.skipped.append((shown, str(e)))
+                continue
+        elif path is not None:
+            shown = path
+            header = _header(path, index)
+            if header is None:
+                continue
+        else:
+            index.skipped.append((rows.display(row), f"no image in column {s.image_column!r}"))
+            continue
+        if not captions and not levels:
+            index.missing_captions.append(shown)
+            captions = [s.class_tokens] if s.class_tokens else []
+        items.append(ImageItem(shown, captions, header, di, si, s.is_reg, s.num_repeats, levels=levels,
+                               source=source, row=row if source is not None else -1))
     return items
 
 

@@ -3,6 +3,7 @@ resize-to-cover + crop + flip into a tensor, and the alpha channel as a loss mas
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,30 +45,39 @@ def read_header(path: Path) -> ImageHeader:
         raise BadImage(f"cannot read ({e.strerror})") from None
     with f:  # one open for the header and the tail check (100k-image folders: syscalls add up)
         st = os.fstat(f.fileno())
-        if st.st_size == 0:
-            raise BadImage("empty file (0 bytes)")
-        try:
-            with Image.open(f) as img:
-                w, h = img.size
-                fmt = img.format
-                # PIL's PNG getexif() decodes the whole image when the eXIf chunk is not before the pixels; only
-                # look when the header already carried it (JPEG APP1 / WebP EXIF chunks are header data).
-                has_exif = fmt in ("JPEG", "WEBP", "MPO") or (fmt == "PNG" and "exif" in img.info)
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
-                has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-            raise BadImage(f"not a readable image ({type(e).__name__})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadImage(f"truncated or corrupt ({e})") from None
-        if w < 1 or h < 1:
-            raise BadImage(f"invalid size {w}x{h}")
-        _check_tail(f, path, fmt, st.st_size)
+        return _header_of(f, st.st_size, st.st_mtime_ns, lambda: load_image(path))
+
+
+def read_header_bytes(data: bytes) -> ImageHeader:
+    """`read_header` for an image held in memory (a row of a Hugging Face dataset): mtime 0, size len(data)."""
+    return _header_of(io.BytesIO(data), len(data), 0, lambda: load_image(data))
+
+
+def _header_of(f, size: int, mtime_ns: int, full_decode) -> ImageHeader:
+    if size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with Image.open(f) as img:
+            w, h = img.size
+            fmt = img.format
+            # PIL's PNG getexif() decodes the whole image when the eXIf chunk is not before the pixels; only
+            # look when the header already carried it (JPEG APP1 / WebP EXIF chunks are header data).
+            has_exif = fmt in ("JPEG", "WEBP", "MPO") or (fmt == "PNG" and "exif" in img.info)
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BadImage(f"not a readable image ({type(e).__name__})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"truncated or corrupt ({e})") from None
+    if w < 1 or h < 1:
+        raise BadImage(f"invalid size {w}x{h}")
+    _check_tail(f, fmt, size, full_decode)
     if orientation in _ROTATED:
         w, h = h, w
-    return ImageHeader((w, h), st.st_mtime_ns, st.st_size, has_alpha)
+    return ImageHeader((w, h), mtime_ns, size, has_alpha)
 
 
-def _check_tail(f, path: Path, fmt: str | None, size: int) -> None:
+def _check_tail(f, fmt: str | None, size: int, full_decode) -> None:
     if fmt == "WEBP":
         f.seek(0)
         head = f.read(8)
@@ -83,13 +93,15 @@ def _check_tail(f, path: Path, fmt: str | None, size: int) -> None:
         # Usually a cut-off file; but some valid files carry trailing data (phone "motion photos" append a video
         # after the JPEG), so only a full decode decides. This is the rare path, the common one reads no pixels.
         try:
-            load_image(path)
+            full_decode()
         except BadImage as e:
             raise BadImage(f"truncated (no {missing}; {e})") from None
 
 
-def load_image(path: Path, fit: Size | None = None) -> Image.Image:
+def load_image(path: Path | bytes, fit: Size | None = None) -> Image.Image:
     """Decode fully, apply the EXIF orientation; RGBA when the image has alpha, else RGB. Raises BadImage.
+
+    `path` may also be the encoded bytes of an image (a row of a Hugging Face dataset).
 
     `fit` (width, height as displayed): the size the caller resizes to. A JPEG much larger than that is decoded at a
     reduced DCT scale (1/2, 1/4 or 1/8) that still leaves at least twice `fit` for the Lanczos resize, the
@@ -98,7 +110,7 @@ def load_image(path: Path, fit: Size | None = None) -> Image.Image:
     full-size copies are made (no transpose without an EXIF rotation, no convert to the mode it already has).
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             orientation = img.getexif().get(EXIF_ORIENTATION, 1) if img.format in ("JPEG", "MPO", "WEBP", "PNG") and (
                 img.format != "PNG" or "exif" in img.info) else 1
             if fit is not None and img.format in ("JPEG", "MPO"):

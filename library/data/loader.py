@@ -26,10 +26,10 @@ import torch
 from library.config.data import DataConfig
 from library.data import buckets as bk
 from library.data.cache import CacheRequest, LatentStore, build_latent_store
-from library.data.captions import CaptionOptions, pick_caption_line, transform_caption
-from library.data.dataset import (DataIndex, caption_options, dataset_specs, index_datasets, load_synonyms,
-                                  subset_tag_frequency)
-from library.data.images import BadImage, load_image, prepare_image
+from library.data.captions import CaptionOptions, choose_caption, pick_caption_line, transform_caption
+from library.data.dataset import (DataIndex, caption_options, dataset_specs, index_datasets, load_item_image,
+                                  load_synonyms, subset_tag_frequency)
+from library.data.images import BadImage, prepare_image
 from library.data.sampler import BucketBatchSampler
 from library.errors import ConfigError, DataError
 from library.paths import cache_dir as sdtk_cache_dir
@@ -54,7 +54,7 @@ class SampleDataset(torch.utils.data.Dataset):
         hours of training are not lost to one file. Deterministic (the same file fails the same way on resume);
         each bad file is named once per process on stderr. DataError only when no image of the bucket decodes."""
         try:
-            return ii, load_image(self.index.items[ii].path, self.index.items[ii].placement.resized)
+            return ii, load_item_image(self.index.items[ii], self.index.items[ii].placement.resized)
         except BadImage as err:
             first = (ii, str(err))
         if self._groups is None:
@@ -68,7 +68,7 @@ class SampleDataset(torch.utils.data.Dataset):
             if j in self._bad:
                 continue
             try:
-                img = load_image(self.index.items[j].path, self.index.items[j].placement.resized)
+                img = load_item_image(self.index.items[j], self.index.items[j].placement.resized)
             except BadImage as err:
                 self._report(j, str(err))
                 continue
@@ -90,9 +90,9 @@ class SampleDataset(torch.utils.data.Dataset):
         ii, img = (self.entries[e], None) if self.store is not None else self._decode(self.entries[e])
         it = self.index.items[ii]  # a stand-in for a damaged file brings its own caption, size and subset
         s = self.index.subsets[it.subset]
-        rng = random.Random(f"sample:{self.seed}:{epoch}:{e}")  # draw order: line, caption, flip, crop
-        caption = transform_caption(pick_caption_line(it.captions, rng), self.options[it.subset], rng, epoch,
-                                    it.quality_tag)
+        rng = random.Random(f"sample:{self.seed}:{epoch}:{e}")  # draw order: (level,) line, caption, flip, crop
+        text, opts = choose_caption(it.captions, it.levels, self.options[it.subset], rng)
+        caption = transform_caption(text, opts, rng, epoch, it.quality_tag)
         flip = s.flip_aug and rng.random() < 0.5
         pl = it.placement
         sample = {"caption": caption}
@@ -204,11 +204,13 @@ class TrainData:
                                    ("synonym_probability", o.synonym_probability)) if v]
             if len(it.captions) > 1:
                 live.append(f"several caption lines in {it.path}")
+            if o.levels and sum(1 for name, w in o.levels if w > 0 and it.levels.get(name)) > 1:
+                live.append(f"data.caption_levels (several levels for {it.path})")
             if live:
                 raise ConfigError(f"data.cache_text_encoder_outputs = true, but subset '{s.name}' changes its captions "
                                   f"while training ({', '.join(live)}): turn those off or turn the caching off")
-            out.add(transform_caption(pick_caption_line(it.captions, random.Random(0)), o, random.Random(0), 0,
-                                      it.quality_tag))
+            text, opts = choose_caption(it.captions, it.levels, o, random.Random(0))
+            out.add(transform_caption(text, opts, random.Random(0), 0, it.quality_tag))
         return sorted(out)
 
     def tag_frequency(self) -> dict:
@@ -224,7 +226,8 @@ class TrainData:
             for s in spec.subsets:
                 si = next(i for i, x in enumerate(self.index.subsets) if x is s)
                 mine = [it for it in items if it.subset == si]
-                subsets.append({"img_count": len(mine), "num_repeats": s.num_repeats, "image_dir": Path(s.image_dir).name,
+                subsets.append({"img_count": len(mine), "num_repeats": s.num_repeats,
+                                "image_dir": Path(s.image_dir).name or s.name,
                                 "class_tokens": s.class_tokens, "is_reg": s.is_reg, "flip_aug": s.flip_aug,
                                 "random_crop": s.random_crop, "shuffle_caption": s.shuffle_caption,
                                 "keep_tokens": s.keep_tokens, "caption_prefix": s.caption_prefix,
@@ -232,7 +235,7 @@ class TrainData:
             counts: dict[str, int] = defaultdict(int)
             for it in items:
                 counts[f"{it.placement.bucket[0]}x{it.placement.bucket[1]}"] += it.repeats
-            out.append({"is_dreambooth": not any(s.metadata_file for s in spec.subsets),
+            out.append({"is_dreambooth": not any(s.metadata_file or s.dataset_path or s.dataset_name for s in spec.subsets),
                         "batch_size_per_device": spec.batch_size,
                         "num_train_images": sum(it.repeats for it in items if not it.is_reg),
                         "num_reg_images": sum(it.repeats for it in items if it.is_reg),
@@ -245,7 +248,8 @@ class TrainData:
 def _latent_cache_dir(cfg: DataConfig, index: DataIndex) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    roots = sorted({str(Path(s.image_dir or s.metadata_file).resolve()) for s in index.subsets})
+    roots = sorted({s.dataset_name if s.dataset_name and not s.image_dir else
+                    str(Path(s.image_dir or s.metadata_file or s.dataset_path).resolve()) for s in index.subsets})
     return sdtk_cache_dir() / "latents" / hashlib.sha256("\n".join(roots).encode()).hexdigest()[:16]
 
 
@@ -259,7 +263,8 @@ def _build_cache(cfg: DataConfig, index: DataIndex, vae, cache_dtype: torch.dtyp
     for ii, it in enumerate(index.items):
         pl, s = it.placement, index.subsets[it.subset]
         requests.append(CacheRequest(ii, it.path, pl.resized, pl.bucket, bk.crop_offset(pl.resized, pl.bucket, None),
-                                     s.flip_aug, s.alpha_mask, it.header.mtime_ns, it.header.file_size))
+                                     s.flip_aug, s.alpha_mask, it.header.mtime_ns, it.header.file_size,
+                                     source=it.source, row=it.row))
     cache_dir = _latent_cache_dir(cfg, index) if cfg.cache_latents_to_disk else None
     store, skipped = build_latent_store(requests, vae, cache_dir=cache_dir, dtype=cache_dtype,
                                         batch_size=cfg.vae_batch_size, num_workers=cfg.num_workers)
