@@ -1,0 +1,110 @@
+"""Which images need which caption files: the folder listing, the sidecar names, and the skip-if-present rule.
+
+A caption sits beside its image, named as the training loader reads it (library/data/dataset.py `_scan_folder`):
+`foo.png` -> `foo` + caption extension. Mode `levels` writes `foo.tags.txt`, `foo.short.txt`, `foo.detailed.txt`
+(the layout library/data reads for multi-level captions). An existing caption file is never replaced unless
+`overwrite` is set, which is also what makes a stopped run resumable: a rerun plans only what is still missing.
+Each file is written atomically (library/fileio.py), so a killed run leaves whole captions or none.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.config.caption import LEVELS
+from library.data.images import IMAGE_EXTENSIONS
+from library.errors import DataError
+from library.fileio import atomic_path
+from library.training.faults import kill_point
+
+
+
+@dataclass
+class Plan:
+    """What a run will write: per level, the images still without that caption file (in listing order)."""
+
+    todo: dict[str, list[Path]]  # level ("caption" for modes text / tags, else tags / short / detailed) -> images
+    images: int = 0  # images found
+    existing: int = 0  # caption files already there and kept
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # images not captioned, with the reason
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.todo.values())
+
+
+def caption_path(image: Path, extension: str, level: str = "caption") -> Path:
+    """`foo.png` -> `foo.txt`; level `tags` -> `foo.tags.txt` (extension `.txt`)."""
+    middle = "" if level == "caption" else f".{level}"
+    return image.with_name(image.stem + middle + extension)
+
+
+def levels_of(mode: str) -> tuple[str, ...]:
+    match mode:
+        case "text" | "tags":
+            return ("caption",)
+        case "levels":
+            return LEVELS
+        case _:
+            raise ValueError(f"unknown caption mode {mode!r}")
+
+
+def list_images(root: Path, recursive: bool) -> list[Path]:
+    """Image files under `root` (hidden files and folders left out), sorted by path; sub-folders when `recursive`."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found (caption.image_dir)")
+    found: list[Path] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                if recursive:
+                    stack.append(Path(e.path))
+            elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:  # the loader's types
+                found.append(Path(e.path))
+    found.sort()
+    if not found:
+        sub = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")] if not recursive else []
+        if sub and any(list_images(p, True) for p in sub):
+            raise DataError(f"no images directly in {root}, but its sub-folders have some (e.g. {sub[0].name}/): "
+                            "set caption.recursive = true (--recursive) to caption them")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {root}")
+    return found
+
+
+def plan(root: Path, *, mode: str, extension: str, recursive: bool, overwrite: bool) -> Plan:
+    """The caption files to write. Two images with the same name but another extension (foo.png, foo.jpg) would
+    share one caption file: the first in sorted order is captioned, the other listed as skipped."""
+    images = list_images(root, recursive)
+    result = Plan(todo={level: [] for level in levels_of(mode)}, images=len(images))
+    owner: dict[Path, Path] = {}
+    for image in images:
+        first = caption_path(image, extension)
+        if first in owner:
+            result.skipped.append((image, f"shares its caption file {first.name} with {owner[first].name}"))
+            continue
+        owner[first] = image
+        for level, todo in result.todo.items():
+            if not overwrite and caption_path(image, extension, level).exists():
+                result.existing += 1
+            else:
+                todo.append(image)
+    return result
+
+
+def write_caption(path: Path, text: str, number: int = 0) -> None:
+    """One caption file, atomically (a temporary beside it, then a rename), ending in a newline as sd-scripts'.
+
+    `number` counts the files this run wrote (1-based): the fault tests kill the process at `caption:<number>`,
+    between the temporary and the rename (library/training/faults.py).
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(text.strip() + "\n", encoding="utf-8")
+        kill_point("caption", number)

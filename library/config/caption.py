@@ -1,0 +1,115 @@
+"""`caption_images.py`'s config: `[caption]` what to caption and where the captions go, `[caption.tagger]` the WD14-style
+tagger, `[caption.text]` / `[caption.short]` / `[caption.detailed]` how the natural-language captioner generates.
+
+Modes: `text` writes one natural-language caption per image (`foo.txt`); `tags` one tag list (`foo.txt`); `levels`
+the three caption levels of the Z-Image report side by side: `foo.tags.txt` (tagger), `foo.short.txt` and
+`foo.detailed.txt` (captioner with the [caption.short] / [caption.detailed] settings). The caption extension
+replaces `.txt` in every name. No torch here: config modules stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from library.config.fields import opt
+from library.errors import ConfigError
+
+CaptionMode = Literal["text", "tags", "levels"]
+LEVELS = ("tags", "short", "detailed")  # the sidecar names of mode "levels", agreed with library/data's reader
+
+
+@dataclass
+class GenerateConfig:
+    """How the natural-language captioner generates one caption (transformers `generate` arguments)."""
+
+    prompt: str = opt("", "text given with the image: BLIP a caption start ('a picture of'), BLIP-2 a question, "
+                          "Florence-2 a task token ('<CAPTION>', '<DETAILED_CAPTION>', '<MORE_DETAILED_CAPTION>')")
+    max_new_tokens: int = opt(40, "longest caption, in tokens")
+    min_new_tokens: int = opt(0, "shortest caption, in tokens (the end token is held back until then)")
+    num_beams: int = opt(3, "beam search width; 1 = greedy decoding")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.min_new_tokens < 0:
+            raise ConfigError("max_new_tokens and num_beams must be >= 1 and min_new_tokens >= 0 "
+                              f"(got {self.max_new_tokens}, {self.num_beams}, {self.min_new_tokens})")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens = {self.min_new_tokens} is above max_new_tokens = {self.max_new_tokens}")
+
+
+@dataclass
+class TaggerConfig:
+    """`[caption.tagger]`: a WD14-style tagger (model.onnx + selected_tags.csv) run with onnxruntime."""
+
+    model: str = opt("", "folder with model.onnx and selected_tags.csv, or a Hugging Face repo id "
+                         "(e.g. SmilingWolf/wd-v1-4-convnext-tagger-v2) when the hub is reachable")
+    general_threshold: float = opt(0.35, "a general tag is written when its probability is at least this")
+    character_threshold: float = opt(0.35, "a character tag is written when its probability is at least this")
+    undesired_tags: list[str] | str = opt([], "tags never written: a list, or one comma-separated string as "
+                                              "sd-scripts takes it (either spelling: 'long_hair' or 'long hair')")
+    remove_underscore: bool = opt(False, "write 'long hair' for 'long_hair' (tags of 3 characters or fewer, such "
+                                         "as the emoticon '^_^', keep theirs, as in sd-scripts)")
+    character_tags_first: bool = opt(False, "character tags before the general tags (default: general first)")
+    rating: Literal["none", "first", "last"] = opt("none", "add the most likely rating tag (general, sensitive, "
+                                                           "questionable, explicit) first, last, or not at all")
+    always_first_tags: list[str] | str = opt([], "tags moved to the front when present (e.g. ['1girl', '1boy'])")
+    caption_separator: str = opt(", ", "written between tags")
+
+    def validate(self) -> None:
+        for key in ("general_threshold", "character_threshold"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"caption.tagger.{key} = {getattr(self, key)} must be in [0, 1], e.g. 0.35")
+        if not self.caption_separator.strip():
+            raise ConfigError("caption.tagger.caption_separator must contain a character other than spaces, e.g. ', '")
+
+
+@dataclass
+class CaptionConfig:
+    """`[caption]`: the images, the captions written beside them, and the captioner."""
+
+    image_dir: str = opt("", "folder of images to caption (the first argument of caption_images.py)")
+    mode: CaptionMode = opt("text", "text: a natural-language caption (caption.model) | tags: WD14 tags "
+                                    "(caption.tagger.model) | levels: tags + short + detailed side by side")
+    caption_extension: str = opt(".txt", "caption file extension: foo.png -> foo.txt; levels foo.tags.txt, ...")
+    recursive: bool = opt(False, "also caption the images in sub-folders (e.g. sd-scripts' 10_name folders)")
+    overwrite: bool = opt(False, "replace existing caption files (default: keep them, so a stopped run resumes)")
+    batch_size: int = opt(8, "images per model call")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the models run: auto picks CUDA when available")
+    model: str = opt("", "natural-language captioner: a transformers model id or folder that "
+                         "AutoModelForImageTextToText loads (BLIP, BLIP-2, GIT, Florence-2, ...)")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "captioner precision: auto = fp16 on CUDA, fp32 on CPU")
+    keep_prompt: bool = opt(False, "keep the prompt at the start of the caption when the model repeats it "
+                                   "(BLIP: 'a picture of a dog' rather than 'a dog')")
+    tagger: TaggerConfig = opt(TaggerConfig(), "the WD14-style tagger (modes tags and levels)")
+    text: GenerateConfig = opt(GenerateConfig(), "generation settings of mode text")
+    short: GenerateConfig = opt(GenerateConfig(max_new_tokens=20), "generation settings of the short level")
+    detailed: GenerateConfig = opt(GenerateConfig(max_new_tokens=120, min_new_tokens=30),
+                                   "generation settings of the detailed level")
+
+    def validate(self) -> None:
+        if not self.image_dir.strip():
+            raise ConfigError("caption.image_dir is not set: give the folder, e.g. caption_images.py my_images/")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2 or "/" in self.caption_extension:
+            raise ConfigError(f"caption.caption_extension = {self.caption_extension!r} must be an extension such as "
+                              "'.txt' or '.caption'")
+        if self.batch_size < 1:
+            raise ConfigError(f"caption.batch_size = {self.batch_size} must be >= 1")
+        if self.mode in ("text", "levels") and not self.model.strip():
+            raise ConfigError(f"caption.mode = '{self.mode}' needs caption.model (a transformers model id or folder, "
+                              "e.g. Salesforce/blip-image-captioning-large)")
+        if self.mode in ("tags", "levels") and not self.tagger.model.strip():
+            raise ConfigError(f"caption.mode = '{self.mode}' needs caption.tagger.model (a folder with model.onnx "
+                              "and selected_tags.csv, or a repo id such as SmilingWolf/wd-v1-4-convnext-tagger-v2)")
+
+
+@dataclass
+class CaptionRun:
+    """The root config of caption_images.py."""
+
+    caption: CaptionConfig = opt(CaptionConfig(), "what to caption and how")
+
+
+def tag_list(value: list[str] | str) -> list[str]:
+    """A tag option as a list: a TOML list as it is, a comma-separated string split (sd-scripts' form)."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [t.strip() for t in items if t.strip()]

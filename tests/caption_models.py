@@ -1,0 +1,106 @@
+"""Tiny captioning models built offline for the caption_images.py tests.
+
+- `make_tiny_blip(folder)`: a random BlipForConditionalGeneration from a tiny BlipConfig, with a BlipProcessor (32 px
+  images, a 21-word BERT WordPiece vocabulary), saved as a transformers folder. Its init is scaled so that the
+  coloured squares of COLOURS get different, non-empty captions (greedy and beam search).
+- `make_tiny_tagger(folder)`: a WD14-like ONNX model (NHWC float input [batch, side, side, 3], BGR 0..255, sigmoid
+  scores) built with the onnx helper API, plus its selected_tags.csv. It is not random: each score is a fixed
+  function of the image's mean B, G and R (mean / 255 -> linear -> sigmoid), so a test knows which tags an image
+  gets: a red image scores `red_hair` (0.9975) and rating `sensitive`; green gives `green_eyes` and the character
+  `hatsune_miku_(vocaloid)`; blue `blue_sky`; white `white_background`; `^_^` always scores 0.95 and `looking_at_viewer`
+  always 0.5. Reading the image as RGB instead of BGR swaps red and blue.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "black": (0, 0, 0), "white": (255, 255, 255)}
+WORDS = "a the photo of red blue green square circle triangle on white black background small large picture dog cat"
+
+# name, category, weights on (B, G, R) means in 0..1, bias: score = sigmoid(w . mean + bias)
+TAGS = [
+    ("general", 9, (0, 0, 0), 1.0),
+    ("sensitive", 9, (0, 0, 3), 0.0),
+    ("questionable", 9, (0, 0, 0), -1.0),
+    ("explicit", 9, (0, 0, 0), -2.0),
+    ("red_hair", 0, (0, 0, 12), -6.0),
+    ("green_eyes", 0, (0, 12, 0), -6.0),
+    ("blue_sky", 0, (12, 0, 0), -6.0),
+    ("white_background", 0, (4, 4, 4), -10.0),
+    ("^_^", 0, (0, 0, 0), float(np.log(0.95 / 0.05))),
+    ("looking_at_viewer", 0, (0, 0, 0), 0.0),
+    ("hatsune_miku_(vocaloid)", 4, (0, 12, 0), -6.0),
+    ("hakurei_reimu", 4, (0, 0, 12), -6.0),
+]
+
+
+def make_tiny_blip(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS.split())}
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=BertTokenizerFast(vocab=vocab))
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, initializer_range=1.0),
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=2, sep_token_id=3,
+                         pad_token_id=0, eos_token_id=3, initializer_range=0.1),
+        projection_dim=32)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_tagger(folder: Path, side: int = 16, batch: int | str = "batch", tags=TAGS) -> Path:
+    """model.onnx + selected_tags.csv in `folder`; `batch` an int makes the model's batch size fixed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weights = np.array([w for _, _, w, _ in tags], dtype=np.float32).T  # [3 (B, G, R), tags]
+    bias = np.array([b for _, _, _, b in tags], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input_1", "axes"], ["mean"], keepdims=0),  # [N, 3]: mean B, G, R
+         helper.make_node("Mul", ["mean", "scale"], ["unit"]),
+         helper.make_node("MatMul", ["unit", "weights"], ["logits0"]),
+         helper.make_node("Add", ["logits0", "bias"], ["logits"]),
+         helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"])],
+        "tiny_wd14",
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, side, side, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(tags)])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+                     helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255]),
+                     helper.make_tensor("weights", TensorProto.FLOAT, list(weights.shape), weights.ravel().tolist()),
+                     helper.make_tensor("bias", TensorProto.FLOAT, [len(tags)], bias.tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8  # readable by older onnxruntime releases too
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    with open(folder / "selected_tags.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["tag_id", "name", "category", "count"])
+        for i, (name, cat, _, _) in enumerate(tags):
+            w.writerow([1000 + i, name, cat, 100 - i])
+    return folder
+
+
+def make_images(folder: Path, names_colours: dict[str, str], size: tuple[int, int] = (24, 24)) -> list[Path]:
+    """Solid-colour PNGs `<name>.png` in `folder`; returns their paths."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, colour in names_colours.items():
+        path = folder / f"{name}.png"
+        Image.new("RGB", size, COLOURS[colour]).save(path)
+        paths.append(path)
+    return paths
