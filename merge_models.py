@@ -32,6 +32,7 @@ ALIASES = {
     "alpha": "merge.alpha",
     "beta": "merge.beta",
     "save_to": "output.path",
+    "output_dir": "output.path",  # the training scripts' name for where results go
     "save_precision": "output.precision",
     "dim": "extract.rank",
     "conv_dim": "extract.conv_rank",

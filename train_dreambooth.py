@@ -66,11 +66,11 @@ def train_dreambooth(cfg: DreamBoothRunConfig, *, script: str = "train_dreamboot
 def main(argv: list[str] | None = None) -> int:
     from library.config.cli import parse_cli
     from library.config.core import dump_toml
-    from library.config.run import SD_SCRIPTS_ALIASES
+    from library.config.run import sd_scripts_names
 
     cfg, flags = parse_cli(CONFIG_CLASS, sys.argv[1:] if argv is None else argv, prog="train_dreambooth.py",
-                           aliases={**SD_SCRIPTS_ALIASES, "prior_loss_weight": "dreambooth.prior_loss_weight",
-                                    "num_class_images": "dreambooth.num_class_images"}, description=__doc__)
+                           aliases=sd_scripts_names(CONFIG_CLASS, {"prior_loss_weight": "dreambooth.prior_loss_weight",
+                                    "num_class_images": "dreambooth.num_class_images"}), description=__doc__)
     if flags.print_config:
         print(dump_toml(cfg), end="")
         return 0

@@ -132,6 +132,7 @@ def parse_cli(
 
     data = read_toml(flags.config) if flags.config else {}
     if flags.config:
+        data = _file_aliases(data, aliases, root_cls, flags.config)
         build(root_cls, data, source=flags.config)  # file mistakes are reported against the file alone
     for path, value in overrides:
         _set(data, path, value)
@@ -140,6 +141,26 @@ def parse_cli(
     cfg = build(root_cls, data, source=source)
     run_validate(cfg, source=source)
     return cfg, flags
+
+
+def _file_aliases(data: dict, aliases: dict[str, str], root_cls: type, source: str) -> dict:
+    """sd-scripts names written as top-level keys of the file (`network_dim = 16`, as in an sd-scripts
+    `--config_file`) are moved to the key they name; the table's own key wins a clash, which is an error."""
+    top = set(field_types(root_cls))
+    out = {k: v for k, v in data.items() if k in top or k not in aliases}
+    for name, value in data.items():
+        if name in top or name not in aliases:
+            continue
+        path, _ = _resolve(root_cls, aliases[name], f"{name} in {source}", {}, {})
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {name} sets {aliases[name]}, but [{key}] is not a table there")
+        if path[-1] in node:
+            raise ConfigError(f"{source}: {name} and {aliases[name]} both set {aliases[name]}; keep one")
+        node[path[-1]] = value
+    return out
 
 
 def _flag_bool(arg: str, value: str | None) -> bool:

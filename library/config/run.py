@@ -56,6 +56,26 @@ SD_SCRIPTS_ALIASES: dict[str, str] = {
 }
 
 
+# Every table module's sd-scripts names (KOHYA_NAMES), merged with the flags above by `sd_scripts_names`.
+_TABLE_NAMES = ("library.config.diffusion", "library.config.network", "library.config.embedding")
+
+
+def sd_scripts_names(root_cls: type, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The sd-scripts names a script with root config `root_cls` accepts: SD_SCRIPTS_ALIASES, every table's
+    KOHYA_NAMES whose table the root has (`--network_dim` only where there is a `[network]`), then `extra`."""
+    import dataclasses
+    import importlib
+
+    tables = {f.name for f in dataclasses.fields(root_cls)}
+    names = dict(SD_SCRIPTS_ALIASES)
+    for module in _TABLE_NAMES:
+        for name, target in importlib.import_module(module).KOHYA_NAMES.items():
+            if target.partition(".")[0] in tables:
+                names.setdefault(name, target)
+    names.update(extra or {})
+    return names
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = opt(ModelConfig(), "Base model.")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from library.config.cli import parse_cli
 from library.config.core import config_hash, dump_toml, save_resolved_config
-from library.config.run import SD_SCRIPTS_ALIASES, RunConfig
+from library.config.run import RunConfig, sd_scripts_names
 
 EXTRA_FLAGS = {
     "cache_only": "Build the on-disk latent cache (data.cache_latents and cache_latents_to_disk) and exit.",
@@ -25,7 +25,7 @@ def run_script(root_cls: type, make_method: Callable, argv: list[str] | None, *,
                aliases: dict[str, str] | None = None) -> int:
     """Parse the command line into `root_cls`, then train with `make_method(cfg)`. Returns the exit code."""
     cfg, flags = parse_cli(root_cls, sys.argv[1:] if argv is None else argv,
-                           aliases={**SD_SCRIPTS_ALIASES, **(aliases or {})}, prog=prog, description=description,
+                           aliases=sd_scripts_names(root_cls, aliases), prog=prog, description=description,
                            extra_flags=EXTRA_FLAGS)
     if flags.print_config:
         print(dump_toml(cfg), end="")
