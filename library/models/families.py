@@ -112,5 +112,6 @@ def native_resolution_of_folder(family: str, config_dir) -> int:
 
     vae_levels = len(read("vae/config.json").get("block_out_channels", (0, 0, 0, 0)))
     scheduler = read("scheduler/scheduler_config.json")
+    denoiser = getattr(FAMILIES.get(family), "denoiser", "unet")  # SD3: transformer/config.json
     return native_resolution(family, scheduler.get("prediction_type", "epsilon"),
-                             read("unet/config.json").get("sample_size"), 2 ** (vae_levels - 1))
+                             read(f"{denoiser}/config.json").get("sample_size"), 2 ** (vae_levels - 1))
