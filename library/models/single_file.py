@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -40,16 +41,20 @@ SDXL_TE2 = "conditioner.embedders.1.model."
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 
 # Keys of released single files that are not weights of the diffusers model; dropped on load, listed explicitly.
-# LDM `ddpm.py` registers the noise schedule as buffers, `logvar` and `lvlb_weights`; `model_ema.*` holds the EMA
-# copy the original trainer kept (the released weights are already the EMA ones in `-ema` files).
-NON_WEIGHT_KEYS = frozenset({
+# Training-code buffers, listed once at load (`ignored_note`): LDM `ddpm.py` registers the noise schedule as buffers,
+# `logvar` and `lvlb_weights`; the generative-models (SGM) `DiscreteDenoiser` registers `denoiser.sigmas`
+# (sgm/modules/diffusionmodules/denoiser.py), which ComfyUI ignores too; `model_ema.*` holds the EMA copy the
+# original trainers kept (the released weights are already the EMA ones in `-ema` files).
+TRAINING_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights", V_PRED_KEY, ZTSNR_KEY,
-    SD1_TE + kc.POSITION_IDS, SDXL_TE1 + kc.POSITION_IDS,
+    "logvar", "lvlb_weights", "denoiser.sigmas",
 })
 NON_WEIGHT_PREFIXES = ("model_ema.",)
+# Dropped without a note: the markers are read as evidence (prediction type), and CLIP's `position_ids` buffer is part
+# of the text-encoder layout every released file and every file we write carries.
+NON_WEIGHT_KEYS = TRAINING_BUFFERS | {V_PRED_KEY, ZTSNR_KEY, SD1_TE + kc.POSITION_IDS, SDXL_TE1 + kc.POSITION_IDS}
 SD2_V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
@@ -258,8 +263,12 @@ def _view_for_mapping(f: TensorFile, family: Family, parts: list[tuple[str, Any,
             layers = kc.n_layers(kc.te_state_dict(module).keys())
             ignored.update(kc.openclip_extras_to_ignore(km.prefix, f.keys(), layers, sd2=km.prefix == SD2_TE))
     names: dict[str, str] = {}
+    dropped: list[str] = []
     for key in f.keys():
-        if key in ignored or key.startswith(NON_WEIGHT_PREFIXES):
+        if key in TRAINING_BUFFERS or key.startswith(NON_WEIGHT_PREFIXES):
+            dropped.append(key)
+            continue
+        if key in ignored:
             continue
         new = key
         if family == "sd1" and key.startswith(SD1_TE) and not key.startswith(SD1_TE + kc.TEXT_MODEL):
@@ -272,7 +281,19 @@ def _view_for_mapping(f: TensorFile, family: Family, parts: list[tuple[str, Any,
     if stray:
         raise ModelFileError(f"{f.path}: unexpected key '{stray[0]}' ({len(stray)} keys no {family} model has); "
                              "is this a model of another kind (inpainting, refiner, ControlNet) or a wrong family?")
+    if dropped:
+        print(ignored_note(f.path, dropped), file=sys.stderr)
     return _View(f, names)
+
+
+def ignored_note(path: Path, dropped: list[str]) -> str:
+    """One line naming the training-code buffers and EMA copy a file carried and the loader left out."""
+    ema = [k for k in dropped if k.startswith(NON_WEIGHT_PREFIXES)]
+    named = sorted(k for k in dropped if not k.startswith(NON_WEIGHT_PREFIXES))
+    if ema:
+        named.append(f"model_ema.* ({len(ema)} keys: the EMA copy kept by the original trainer)")
+    return (f"note: {path}: left out {len(dropped)} keys that are not weights of the model (noise-schedule buffers "
+            f"of the code that trained it, EMA copies): {', '.join(named)}")
 
 
 def _check_shapes(view: _View, module: Any, name: str, km: KeyMap, path: Path) -> None:
