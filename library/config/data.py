@@ -81,7 +81,8 @@ class DataConfig:
     cache_latents: bool = opt(False, "Encode every image with the VAE once before training (no random_crop).")
     cache_latents_to_disk: bool = opt(False, "Keep the latent cache on disk (reused by later runs) instead of memory.")
     cache_text_encoder_outputs: bool = opt(False, "Encode every caption once before training, then move the text encoders off the GPU (captions must be fixed: no shuffle / dropout / synonyms).")
-    cache_dir: str = opt("", "Folder of the on-disk latent cache; empty = the sdtk cache folder.")
+    cache_text_encoder_outputs_to_disk: bool = opt(False, "Keep the text-encoder output cache on disk (reused by later runs; rebuilt where the encoders, tokenizers, clip_skip or precision changed); needs cache_text_encoder_outputs.")
+    cache_dir: str = opt("", "Folder of the on-disk caches (latents; text-encoder outputs in its text_encoder_outputs/ sub-folder); empty = the sdtk cache folder.")
     vae_batch_size: int = opt(1, "Images per VAE call while caching.")
     num_workers: int = opt(2, "DataLoader worker processes (0 = load in the training process).")
 
@@ -97,7 +98,7 @@ class DataConfig:
                 raise ConfigError(f"data.{key} must be at least 1 (got {getattr(self, key)})")
         if self.bucket_reso_steps != 32 and (self.bucket_reso_steps < 64 or self.bucket_reso_steps % 64):
             raise ConfigError(f"data.bucket_reso_steps must be a multiple of 64, or 32 for SDXL (got {self.bucket_reso_steps})")
-        for key in ("min_bucket_reso", "max_bucket_reso"):
+        for key in ("min_bucket_reso", "max_bucket_reso") if self.enable_bucket else ():  # unused without buckets
             if getattr(self, key) % self.bucket_reso_steps:
                 raise ConfigError(f"data.{key} = {getattr(self, key)} must be divisible by data.bucket_reso_steps = {self.bucket_reso_steps}")
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate", "synonym_probability"):
@@ -126,6 +127,8 @@ class DataConfig:
                                   "those off or turn data.cache_text_encoder_outputs off")
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ConfigError("data.cache_latents_to_disk = true needs data.cache_latents = true")
+        if self.cache_text_encoder_outputs_to_disk and not self.cache_text_encoder_outputs:
+            raise ConfigError("data.cache_text_encoder_outputs_to_disk = true needs data.cache_text_encoder_outputs = true")
         if self.prior_loss_weight < 0:
             raise ConfigError(f"data.prior_loss_weight must not be negative (got {self.prior_loss_weight})")
 

@@ -159,6 +159,7 @@ class TrainData:
         self.num_images = len(index.items)
         self.epoch = 0
         self.position = 0  # batches of this epoch consumed by the caller
+        self.text_cache_dir: Path | None = None  # data.cache_text_encoder_outputs_to_disk: where the outputs live
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` (0-based) from its first batch; the same epoch, part-way through (a resume), continues."""
@@ -245,6 +246,14 @@ class TrainData:
         return {"datasets": out}
 
 
+def text_cache_dir(cfg: DataConfig, index: DataIndex) -> Path:
+    """Folder of the on-disk text-encoder output cache (library/data/text_cache.py): `text_encoder_outputs/` in
+    data.cache_dir, or a folder per dataset in the sdtk cache, as the latents."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser() / "text_encoder_outputs"
+    return sdtk_cache_dir() / "text_encoder_outputs" / _latent_cache_dir(cfg, index).name
+
+
 def _latent_cache_dir(cfg: DataConfig, index: DataIndex) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
@@ -327,7 +336,9 @@ def build_train_data(cfg: DataConfig, *, default_resolution: int, seed: int, ran
                               {b: n for (_, b), n in zip(keys, sizes)} if cfg.bucket_mode == "sequence_length" else None)
     if rank == 0:
         print(report, file=sys.stderr)
-    return TrainData(index, sampler, loader, report)
+    data = TrainData(index, sampler, loader, report)
+    data.text_cache_dir = text_cache_dir(cfg, index) if cfg.cache_text_encoder_outputs_to_disk else None
+    return data
 
 
 def build_latent_cache(cfg: DataConfig, vae, *, default_resolution: int, cache_dtype: torch.dtype = torch.float32) -> int:
