@@ -29,13 +29,6 @@ class GenerateConfig:
     min_new_tokens: int = opt(0, "shortest caption, in tokens (the end token is held back until then)")
     num_beams: int = opt(3, "beam search width; 1 = greedy decoding")
 
-    def validate(self) -> None:
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.min_new_tokens < 0:
-            raise ConfigError("max_new_tokens and num_beams must be >= 1 and min_new_tokens >= 0 "
-                              f"(got {self.max_new_tokens}, {self.num_beams}, {self.min_new_tokens})")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"min_new_tokens = {self.min_new_tokens} is above max_new_tokens = {self.max_new_tokens}")
-
 
 @dataclass
 class TaggerConfig:
@@ -94,6 +87,14 @@ class CaptionConfig:
                               "'.txt' or '.caption'")
         if self.batch_size < 1:
             raise ConfigError(f"caption.batch_size = {self.batch_size} must be >= 1")
+        for name in ("text", "short", "detailed"):  # checked here, where the table's name is known
+            gen: GenerateConfig = getattr(self, name)
+            for key, low in (("max_new_tokens", 1), ("num_beams", 1), ("min_new_tokens", 0)):
+                if getattr(gen, key) < low:
+                    raise ConfigError(f"caption.{name}.{key} = {getattr(gen, key)} must be >= {low}")
+            if gen.min_new_tokens > gen.max_new_tokens:
+                raise ConfigError(f"caption.{name}.min_new_tokens = {gen.min_new_tokens} is above "
+                                  f"caption.{name}.max_new_tokens = {gen.max_new_tokens}")
         if self.mode in ("text", "levels") and not self.model.strip():
             raise ConfigError(f"caption.mode = '{self.mode}' needs caption.model (a transformers model id or folder, "
                               "e.g. Salesforce/blip-image-captioning-large)")
