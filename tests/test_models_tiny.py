@@ -74,11 +74,12 @@ def test_make_clip_vocab_rejects_a_short_merge_list(tmp_path):
 
 def test_bundled_configs_hold_the_released_values():
     sd15, sd21, base, xl = (bundled_config_dir(n) for n in ("sd15", "sd21", "sd21_base", "sdxl"))
-    assert BUNDLED == ("sd15", "sd21", "sd21_base", "sdxl")
+    assert BUNDLED == ("sd15", "sd21", "sd21_base", "sdxl", "sd3_medium", "sd35_medium", "sd35_large")
     assert bundled_config_dir("sd1") == sd15 and bundled_config_for("sd2", "epsilon") == base
     assert bundled_config_for("sd2", "v_prediction") == sd21
+    assert bundled_config_dir("sd3") == bundled_config_dir("sd35_medium")  # the family name picks SD3.5 Medium
     with pytest.raises(KeyError):
-        bundled_config_dir("sd3")
+        bundled_config_dir("sd4")
     u = _json(sd15 / "unet/config.json")
     assert (u["cross_attention_dim"], u["attention_head_dim"], u.get("use_linear_projection", False)) == (768, 8, False)
     u = _json(sd21 / "unet/config.json")
@@ -176,7 +177,8 @@ def test_tiny_ref_parsing():
     assert parse_tiny_ref("tiny:sdxl:prediction=v") == TinyRef("sdxl", 0, "v_prediction")
     assert parse_tiny_ref("tiny:sd2").name == "sd2"
     assert parse_tiny_ref("tiny:sd2:prediction=epsilon,seed=3").name == "sd2-seed3-epsilon"
-    for bad in ("tiny:sd3", "tiny:sd15:seed=x", "tiny:sd15:colour=red", "tiny"):
+    assert parse_tiny_ref("tiny:sd3:seed=1") == TinyRef("sd3", 1, "flow")
+    for bad in ("tiny:sd4", "tiny:sd3:prediction=epsilon", "tiny:sd15:seed=x", "tiny:sd15:colour=red", "tiny"):
         with pytest.raises(ConfigError, match="accepted: tiny:sd15"):
             parse_tiny_ref(bad)
 

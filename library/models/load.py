@@ -21,7 +21,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 ACCEPTED = (
     "a diffusers folder (with model_index.json and unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
     "a single checkpoint file (" + ", ".join(SINGLE_FILE_SUFFIXES) + "), "
-    "or 'tiny:sd15' | 'tiny:sd2' | 'tiny:sdxl' (embedded test models)"
+    "or 'tiny:sd15' | 'tiny:sd2' | 'tiny:sdxl' | 'tiny:sd3' (embedded test models); SD3 / SD3.5: a folder with "
+    "transformer/ or a single file with model.diffusion_model.joint_blocks.*"
 )
 
 
@@ -35,7 +36,13 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDMod
     else:
         path = Path(ref).expanduser()
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            from library.models.single_file import load_single_file  # written separately; heavy key maps
+            from library.models.safe_load import open_tensor_file
+            from library.models.sd3.single_file import is_sd3_keys
+
+            if is_sd3_keys(open_tensor_file(path).keys()):  # header only; SD3 has its own key maps
+                from library.models.sd3.single_file import load_sd3_single_file as load_single_file
+            else:
+                from library.models.single_file import load_single_file  # written separately; heavy key maps
 
             model = load_single_file(path, cfg)
         elif path.is_dir():
@@ -52,7 +59,7 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDMod
     if cfg.vae:
         model.vae = load_vae(Path(cfg.vae).expanduser(), model, dtype)
     forced = cfg.resolved_prediction_type()
-    if forced:
+    if forced and model.family != "sd3":  # SD3 is rectified flow; its loader refuses other forced types
         set_prediction_type(model, forced)  # type: ignore[arg-type]
     for module in (model.unet, model.vae, *model.text_encoders):
         if module.dtype != dtype:
@@ -67,6 +74,12 @@ def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype 
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
+    from library.models.sd3.load import is_sd3_folder
+
+    if is_sd3_folder(folder):
+        from library.models.sd3.load import load_sd3_folder
+
+        return load_sd3_folder(folder, cfg, dtype=dtype)
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     unet_config = _read_json(_require(folder, "unet/config.json"))
     family: Family = cfg.resolved_family() or detect_family(index, unet_config)  # type: ignore[assignment]

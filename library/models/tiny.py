@@ -7,9 +7,10 @@ colour codec (each 8x8 block's mean colour; library/models/tiny_vae.py) so that 
 shows in decoded samples; every other weight is random.
 
 References: `tiny:<name>[:<option>=<value>[,<option>=<value>]]`
-    name     sd15 (alias sd1), sd2 (alias sd21), sdxl
+    name     sd15 (alias sd1), sd2 (alias sd21), sdxl, sd3 (SD3.5 Medium layout; library/models/sd3/tiny.py)
     seed     integer weight seed (default 0)
-    prediction  epsilon | v_prediction (alias v); default: sd15 epsilon, sd2 v_prediction (as SD 2.1 768-v), sdxl epsilon
+    prediction  epsilon | v_prediction (alias v); default: sd15 epsilon, sd2 v_prediction (as SD 2.1 768-v), sdxl epsilon;
+             sd3 predicts rectified flow and takes no prediction option
 e.g. `tiny:sd15`, `tiny:sd15:seed=2`, `tiny:sd2:prediction=epsilon,seed=1`. A reference is built on first use into
 `cache_dir()/tiny/v<TINY_VERSION>/<canonical name>` and reused after.
 """
@@ -39,9 +40,10 @@ from library.paths import cache_dir
 # skipped: development caches held earlier experiments under it).
 TINY_VERSION = 4
 
-DEFAULT_PREDICTION: dict[str, PredictionType] = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
-_NAMES: dict[str, Family] = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
-_CANONICAL: dict[str, str] = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
+DEFAULT_PREDICTION: dict[str, PredictionType] = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon",
+                                                 "sd3": "flow"}
+_NAMES: dict[str, Family] = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl", "sd3": "sd3"}
+_CANONICAL: dict[str, str] = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3"}
 
 # Text-encoder widths are chosen apart from every UNet channel count (16, 32, 64) so that width-keyed modules
 # (A1111 hypernetworks pick their layers by context width) behave as on real models, and apart from each other
@@ -76,7 +78,8 @@ class TinyRef:
 
 def parse_tiny_ref(ref: str) -> TinyRef:
     """Parse `tiny:<name>[:opt=value,...]` (see the module docstring); ConfigError names what is accepted."""
-    accepted = "tiny:sd15 | tiny:sd2 | tiny:sdxl, optionally ':seed=N' and/or ':prediction=epsilon|v_prediction'"
+    accepted = ("tiny:sd15 | tiny:sd2 | tiny:sdxl | tiny:sd3, optionally ':seed=N' and/or "
+                "':prediction=epsilon|v_prediction' (not for sd3)")
     parts = ref.split(":")
     if len(parts) < 2 or parts[0] != "tiny" or parts[1] not in _NAMES:
         raise ConfigError(f"model reference {ref!r} is not a tiny model; accepted: {accepted}")
@@ -88,7 +91,8 @@ def parse_tiny_ref(ref: str) -> TinyRef:
         match key.strip():
             case "seed" if value.strip().isdigit():
                 seed = int(value)
-            case "prediction" | "prediction_type" if value.strip() in ("epsilon", "v", "v_prediction"):
+            case "prediction" | "prediction_type" if value.strip() in ("epsilon", "v", "v_prediction") \
+                    and family != "sd3":
                 prediction = "epsilon" if value.strip() == "epsilon" else "v_prediction"
             case _:
                 raise ConfigError(f"model reference {ref!r}: bad option {option!r}; accepted: {accepted}")
@@ -165,6 +169,13 @@ def build_tiny(family: Family, seed: int = 0, prediction_type: PredictionType | 
 
     if family not in DEFAULT_PREDICTION:
         raise ValueError(f"unknown family {family!r}")
+    if family == "sd3":
+        from library.models.sd3.tiny import build_tiny_sd3
+
+        model = build_tiny_sd3(seed)
+        model.source = f"tiny:{TinyRef('sd3', seed, 'flow').name}"
+        model.config_dir = _tiny_config_dir(model, TinyRef("sd3", seed, "flow"))
+        return model
     prediction: PredictionType = prediction_type or DEFAULT_PREDICTION[family]
     bundled = bundled_config_for(family, prediction)
     with torch.random.fork_rng(devices=[]):
@@ -196,6 +207,8 @@ def _tiny_config_dir(model: SDModel, ref: TinyRef) -> Path:
     """A configs-only diffusers folder describing this tiny model (what single-file loading needs as config_dir)."""
     from library.models.save import write_configs
 
+    if model.family == "sd3":
+        from library.models.sd3.save import write_configs_sd3 as write_configs
     final = cache_dir() / "tiny" / f"v{TINY_VERSION}" / "configs" / ref.name
     if not (final / "model_index.json").is_file():
         staging = _staging(final)
@@ -220,6 +233,8 @@ def resolve_model_ref(ref: str) -> Path:
         return final
     staging = _staging(final)
     model = build_tiny(tiny.family, tiny.seed, tiny.prediction_type)
+    if tiny.family == "sd3":
+        from library.models.sd3.save import save_diffusers_sd3 as save_diffusers
     save_diffusers(model, staging, dtype=torch.float32)
     _publish(staging, final)
     return final

@@ -48,6 +48,19 @@ _COLOUR_TO_LATENT = torch.tensor([
 ], dtype=torch.float64)
 
 
+def colour_to_latent(channels: int) -> torch.Tensor:
+    """[channels, 3] colour -> latent matrix. Four channels (SD1/SD2/SDXL): the rows above. More (SD3's 16): the
+    four rows repeated with alternating signs, so every channel carries colour with the per-channel spread of the
+    4-channel codec (what `scaling_factor` is chosen for), and decoding (the pseudo-inverse) stays exact on the
+    colours. Fewer than 4 or not a multiple of 4 is not a layout any family uses."""
+    if channels == 4:
+        return _COLOUR_TO_LATENT
+    if channels < 4 or channels % 4:
+        raise ValueError(f"colour codec: {channels} latent channels (expected 4 or a multiple of 4)")
+    rows = [_COLOUR_TO_LATENT[j % 4] * (-1.0) ** (j // 4) for j in range(channels)]
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def make_colour_codec(vae) -> None:
     """Set `vae`'s weights (in place) so that it encodes each 8x8 block's mean colour and decodes it back."""
@@ -69,8 +82,9 @@ def make_colour_codec(vae) -> None:
             _identity(module.conv, tap=(1, 1))
 
     sf = float(vae.config.scaling_factor)
-    to_latent = _COLOUR_TO_LATENT * (LATENT_STD / sf)  # raw latents; the UNet sees them times sf
-    to_colour = torch.linalg.pinv(to_latent)  # 3 x 4
+    latent = vae.config.latent_channels
+    to_latent = colour_to_latent(latent) * (LATENT_STD / sf)  # raw latents; the UNet sees them times sf
+    to_colour = torch.linalg.pinv(to_latent)  # 3 x channels
 
     enc, dec = vae.encoder, vae.decoder
     # Encoder conv_in: pixel colour c -> (+DELTA c, -DELTA c) in channels 2k, 2k+1.
@@ -81,15 +95,15 @@ def make_colour_codec(vae) -> None:
     _linear_norm_silu(enc.conv_norm_out)
     # Encoder conv_out: latent means from the pairs; log-variances constant.
     _zero(enc.conv_out)
-    latent = vae.config.latent_channels
     pair = _pair_reader()  # silu outputs (y+, y-) -> colour
     for j in range(latent):
         for k in range(3):
             enc.conv_out.weight[j, 2 * k, 1, 1] = float(to_latent[j, k]) * pair
             enc.conv_out.weight[j, 2 * k + 1, 1, 1] = -float(to_latent[j, k]) * pair
     enc.conv_out.bias[latent:] = LOGVAR
-    _identity(vae.quant_conv, tap=(0, 0))
-    _identity(vae.post_quant_conv, tap=(0, 0))
+    for conv in (vae.quant_conv, vae.post_quant_conv):  # SD3's VAE has neither (use_quant_conv = false)
+        if conv is not None:
+            _identity(conv, tap=(0, 0))
     # Decoder conv_in: latents -> (+DELTA c, -DELTA c).
     _zero(dec.conv_in)
     for k in range(3):

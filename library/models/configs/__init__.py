@@ -6,9 +6,10 @@ from pathlib import Path
 
 CONFIGS_ROOT = Path(__file__).resolve().parent
 
-BUNDLED = ("sd15", "sd21", "sd21_base", "sdxl")
-# A family name picks its usual release; SD2 with epsilon prediction is the 512-px base model.
-_ALIASES = {"sd1": "sd15", "sd2": "sd21", "sd2_v": "sd21", "sd2_base": "sd21_base"}
+BUNDLED = ("sd15", "sd21", "sd21_base", "sdxl", "sd3_medium", "sd35_medium", "sd35_large")
+# A family name picks its usual release; SD2 with epsilon prediction is the 512-px base model; SD3 the 3.5 Medium
+# layout (single files and folders pick their own variant from their keys / configs).
+_ALIASES = {"sd1": "sd15", "sd2": "sd21", "sd2_v": "sd21", "sd2_base": "sd21_base", "sd3": "sd35_medium"}
 
 
 def bundled_config_dir(name: str) -> Path:
