@@ -119,6 +119,7 @@ class Report:
     findings: list[Finding]
     n_image_files: int
     n_other_files: int
+    columns: list[str] | None = None  # a Hugging Face dataset's columns (library/data/doctor_datasets.py)
 
     @property
     def blocking(self) -> list[Finding]:
@@ -159,6 +160,7 @@ class Report:
         return {
             "root": self.root,
             "quick": self.quick,
+            **({"columns": self.columns} if self.columns is not None else {}),
             "exit_code": self.exit_code,
             "counts": {"image_files": self.n_image_files, "readable_images": len(self.images),
                        "captioned": sum(i.caption is not None and i.caption.strip() != "" for i in self.images),
@@ -214,14 +216,22 @@ def check_image(path: Path, root: Path, caption_extension: str, th: Thresholds, 
     if path.stat().st_size == 0:
         findings.append(Finding("zero_byte", rel, "empty file (0 bytes): re-copy or delete it"))
         return None
+    return check_decoded(path, rel, lambda: _caption(path, root, caption_extension, findings), th, findings,
+                         quick=quick)
+
+
+def check_decoded(src, rel: str, caption_of: Callable[[], str | None], th: Thresholds, findings: list[Finding], *,
+                  quick: bool = False) -> ImageInfo | None:
+    """`check_image` after the zero-byte check: `src` is a path or a file-like object (a dataset row's bytes),
+    `caption_of()` returns its caption (appending its own findings)."""
     try:
-        small, fmt, size, orientation = _decode(path, 64 if quick else th.analysis_size)
+        small, fmt, size, orientation = _decode(src, 64 if quick else th.analysis_size)
     except Exception as e:  # a doctor must survive any broken file; the message carries PIL's reason
         kind = "truncated" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "unreadable"
         reason = "not a recognised image" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
         findings.append(Finding(kind, rel, f"cannot decode ({reason}): re-export or delete it"))
         return None
-    caption = _caption(path, root, caption_extension, findings)
+    caption = caption_of()
     w, h = size
     info = ImageInfo(rel, w, h, fmt, orientation, caption, None)
     if orientation not in (0, 1):
@@ -304,7 +314,7 @@ def quick_check(root: str | os.PathLike, caption_extension: str = ".txt") -> Rep
     return scan(root, caption_extension=caption_extension, quick=True)
 
 
-def _decode(path: Path, max_side: int) -> tuple[Image.Image, str, tuple[int, int], int]:
+def _decode(path, max_side: int) -> tuple[Image.Image, str, tuple[int, int], int]:
     """Open, decode (reduced), downscale and EXIF-rotate one image. Returns (small RGB, format, full size after
     rotation, EXIF orientation or 0)."""
     with Image.open(path) as im:
@@ -395,6 +405,9 @@ def format_report(report: Report, max_rows: int = 10, top_tags: int = 15) -> str
     lines = [f"Dataset report for {report.root}{mode}",
              f"  {report.n_image_files} image files ({n_read} readable), {n_cap} captioned, "
              f"{report.n_other_files} other files (not images, not captions or known sidecars)", ""]
+    if report.columns is not None:
+        lines[1:2] = [f"  {report.n_image_files} rows ({n_read} readable images), {n_cap} captioned; columns: "
+                      f"{', '.join(report.columns)}"]
     order = {"block": 0, "warn": 1, "info": 2}
     kinds = sorted(report.by_kind().items(), key=lambda kv: (order[SEVERITY[kv[0]]], kv[0]))
     if kinds:

@@ -129,8 +129,8 @@ def _image_value(value: Any, base: Path | None) -> tuple[bytes | None, Path | No
     """(bytes, path) of one image cell: an Image / {bytes, path} struct, raw bytes, or a path string."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
-        if data:
-            return data, None
+        if data is not None:
+            return bytes(data), None
         value = path
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), None
