@@ -63,7 +63,9 @@ class NetworkConfig:
     """`[network]`: which adapter is added, where, at what rank, and how its parameters are grouped for the optimizer."""
 
     network_module: NetworkModule = opt(
-        "lora", "adapter type: lora, locon (lora + conv_dim), loha, lokr, dora; 'networks.lora' = sd-scripts' name for lora"
+        "lora", "adapter type: lora, locon (lora + conv_dim), loha, lokr, dora; 'networks.lora' = sd-scripts' name for "
+        "lora. dora is written per output row (LyCORIS wd_on_output): LyCORIS applies the trained weight, ComfyUI and "
+        "A1111 compute another weight from that file (merge it with merge_models.py for the exact one)"
     )
     network_dim: int = opt(4, "rank of the Linear / 1x1-conv adapters (sd-scripts default 4)")
     network_alpha: float = opt(1.0, "alpha; the adapter output is scaled by alpha / rank (sd-scripts default 1)")

@@ -235,6 +235,13 @@ def save_kohya(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], 
 # ---------------------------------------------------------------------------------------------------------------
 # Metadata.
 
+# Where a DoRA file gives the weight peft trained (m (W + dW) / ||W + dW||, norm per output row); the loaders' rules
+# are re-implemented and checked in tests/test_comfy_rules.py. No layout makes all three agree (see lycoris.py).
+DORA_NOTE = ("dora_scale per output row ([out, 1], LyCORIS wd_on_output=True), trained as peft's DoRA: "
+             "m * (W + dW) / ||W + dW|| per output row. LyCORIS computes this weight. ComfyUI divides by ||W|| of the "
+             "base weight for this layout and A1111 reads only the per-input layout: both compute another weight. "
+             "For the exact result there, merge it into the checkpoint with merge_models.py")
+
 # modelspec architecture per (family, v-prediction): sd-scripts library/sai_model_spec.py ARCH_* + "/lora".
 _ARCH = {("sd1", False): "stable-diffusion-v1", ("sd1", True): "stable-diffusion-v1",
          ("sd2", False): "stable-diffusion-v2-512", ("sd2", True): "stable-diffusion-v2-768-v",
@@ -291,7 +298,7 @@ def metadata_for(
         case "loha" | "lokr":
             module, args["algo"] = "lycoris.kohya", network_module
         case "dora":
-            module, args["algo"], args["dora_wd"] = "lycoris.kohya", "lora", "True"
+            module, args["algo"], args["dora_wd"], args["wd_on_output"] = "lycoris.kohya", "lora", "True", "True"
         case other:
             raise ValueError(f"unknown network module {other!r}")
     w, h = resolution
@@ -336,5 +343,7 @@ def metadata_for(
     if config_text:
         md["sdtk_config"] = config_text
         md["sdtk_config_hash"] = hashlib.sha256(config_text.encode("utf-8")).hexdigest()
+    if network_module == "dora":
+        md["sdtk_dora_layout"] = DORA_NOTE
     md.update(extra or {})
     return {k: str(v) for k, v in md.items()}
