@@ -30,6 +30,8 @@ SCRIPT_BY_SUFFIX = {
 def script_for(path: Path) -> str:
     if path.name == "quickstart.toml":
         return "train_lora"
+    if path.stem.startswith("caption_"):  # caption_<captioner>.toml: caption_images.py
+        return "caption_images"
     for suffix, script in SCRIPT_BY_SUFFIX.items():
         if path.stem.endswith("_" + suffix) or path.stem == suffix:
             return script
