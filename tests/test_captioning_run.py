@@ -189,3 +189,32 @@ def test_a_killed_run_continues_where_it_stopped(tmp_path, blip, tagger, capsys)
     assert caption_images.main([str(whole), *args]) == 0
     assert captions(killed) == captions(whole) and len(captions(whole)) == 9
     assert not list(killed.glob(".*"))
+
+
+def test_an_empty_caption_is_listed_not_written_and_retried(tmp_path, blip, capsys, monkeypatch):
+    make_images(tmp_path, {"a": "red", "b": "green", "c": "blue"})
+    real = TextCaptioner.__call__
+
+    def blank_green(self, images, gen):
+        out = real(self, images, gen)
+        return ["" if im.getpixel((0, 0)) == COLOURS["green"] else c for im, c in zip(images, out)]
+
+    monkeypatch.setattr(TextCaptioner, "__call__", blank_green)
+    assert run(tmp_path, "--model", blip, "--batch_size", "2") == 0
+    assert sorted(captions(tmp_path)) == ["a.txt", "c.txt"]
+    out = capsys.readouterr().out
+    assert f"skipped {tmp_path / 'b.png'}: the model gave an empty caption; nothing written (a rerun tries again)" in out
+    monkeypatch.setattr(TextCaptioner, "__call__", real)
+    assert run(tmp_path, "--model", blip) == 0
+    assert "1 caption files to write, 2 already there" in capsys.readouterr().out
+    assert sorted(captions(tmp_path)) == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_config_file_and_command_line(tmp_path, tagger, capsys):
+    make_images(tmp_path / "imgs", {"a": "red"})
+    cfg = tmp_path / "caption.toml"
+    cfg.write_text(f'[caption]\nimage_dir = "{tmp_path / "imgs"}"\nmode = "tags"\n'
+                   f'[caption.tagger]\nmodel = "{tagger}"\nrating = "first"\n', encoding="utf-8")
+    assert run("--config", cfg, "--caption.tagger.remove_underscore") == 0
+    assert captions(tmp_path / "imgs") == {"a.txt": "sensitive, red hair, ^_^, looking at viewer, hakurei reimu\n"}
+    assert "captioning" not in capsys.readouterr().err  # --no-progress: no bar

@@ -80,7 +80,8 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
     if cfg.mode == "text" or p.todo.get("short") or p.todo.get("detailed"):
         from library.captioning.text import TextCaptioner
 
-        text = TextCaptioner(cfg.model, dtype=cfg.dtype, device=device, keep_prompt=cfg.keep_prompt)
+        text = TextCaptioner(cfg.model, dtype=cfg.dtype, device=device, keep_prompt=cfg.keep_prompt,
+                             progress=progress)
         for level, gen in (("caption", cfg.text), ("short", cfg.short), ("detailed", cfg.detailed)):
             if level != "caption" or cfg.mode == "text":
                 captioners[level] = lambda imgs, gen=gen: text(imgs, gen)
@@ -89,7 +90,8 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
 
     written = 0
     bad: dict[Path, str] = {}
-    with tqdm(total=p.total, unit="caption", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=p.total, unit="caption", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+              desc="captioning") as bar:
         for level, images in p.todo.items():
             if not images:
                 continue
@@ -99,7 +101,9 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
                 captions = captioners[level](imgs) if imgs else []
                 for path, caption in zip(paths, captions):
                     if not caption.strip():
-                        p.skipped.append((path, f"the model gave an empty {level} caption; nothing written"))
+                        what = "caption" if level == "caption" else f"{level} caption"
+                        p.skipped.append((path, f"the model gave an empty {what}; nothing written (a rerun "
+                                                "tries again)"))
                         continue
                     written += 1
                     write_caption(caption_path(path, cfg.caption_extension, level), caption, written)

@@ -29,15 +29,19 @@ def strip_prompt(caption: str, prompt: str) -> str:
 class TextCaptioner:
     """One loaded captioner; `__call__(images, gen)` captions a batch with the settings of one [caption.*] table."""
 
-    def __init__(self, model: str, *, dtype: str, device: str, keep_prompt: bool) -> None:
+    def __init__(self, model: str, *, dtype: str, device: str, keep_prompt: bool, progress: bool = True) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
 
         self.device = torch.device(device)
         name = DTYPES.get(dtype, "float16" if device == "cuda" else "float32")  # auto: fp16 on CUDA, else fp32
         self.dtype = getattr(torch, name)
         self.keep_prompt = keep_prompt
         self.ref = model
+        bar = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype)
@@ -45,6 +49,9 @@ class TextCaptioner:
             raise ConfigError(f"caption.model = {model!r} cannot be loaded as an image captioner (a transformers "
                               f"model id or folder that AutoModelForImageTextToText and AutoProcessor load: BLIP, "
                               f"BLIP-2, GIT, Florence-2, ...): {str(e).splitlines()[0][:300]}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
 
     def __call__(self, images: list[Image.Image], gen: GenerateConfig) -> list[str]:
