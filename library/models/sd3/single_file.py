@@ -92,10 +92,16 @@ def save_sd3_single_file(model: SDModel, path: str | os.PathLike, dtype: torch.d
 
 def load_sd3_single_file(path: str | os.PathLike, cfg: Any) -> SDModel:
     """Load an SD3-family single file (`cfg`: a ModelConfig). Tensors keep the file's dtype."""
+    return load_sd3_tensors(open_tensor_file(path), cfg)
+
+
+def load_sd3_tensors(f: Any, cfg: Any) -> SDModel:
+    """`load_sd3_single_file` on an opened file: `f` maps key -> tensor with `.shapes`, `.metadata`, `.path` (a
+    safe_load.TensorFile, or any mapping of that shape, e.g. meta tensors of a full-size layout in tests)."""
     from library.models.sd3 import text_encoders as tes
     from library.models.sd3.load import build_empty, config_folder, scheduler_config, tokenizers_for
 
-    f = open_tensor_file(path)
+    path = f.path
     variant = variant_of_keys(f.keys())
     config_dir = config_folder(cfg, variant)
     te_in_file = [any(k.startswith(p) for k in f.keys()) for p in km.TE_PREFIXES]
