@@ -56,6 +56,8 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDMod
             raise ModelFileError(
                 f"model.pretrained_model_name_or_path: {ref} does not exist{hint}; accepted: {ACCEPTED}"
             )
+    if model.family == "sd3":
+        model.extra["t5xxl_max_token_length"] = cfg.t5xxl_max_token_length  # read by sd3/text.py
     if cfg.vae:
         model.vae = load_vae(Path(cfg.vae).expanduser(), model, dtype)
     forced = cfg.resolved_prediction_type()

@@ -17,8 +17,8 @@ from library.models.model import SDModel
 
 @dataclass
 class TextCond:
-    hidden: torch.Tensor  # [B, 77, C]: the UNet's cross-attention context
-    pooled: torch.Tensor | None  # [B, P]: SDXL's pooled text embedding (text_time conditioning); None for SD1/SD2
+    hidden: torch.Tensor  # [B, 77, C]: the UNet's cross-attention context (SD3: [B, 77 + T5 tokens, 4096])
+    pooled: torch.Tensor | None  # [B, P]: SDXL's / SD3's pooled text embedding; None for SD1/SD2
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextCond":
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
@@ -28,6 +28,10 @@ class TextCond:
 def tokenize(model: SDModel, captions: list[str]) -> list[torch.Tensor]:
     """One [B, 77] LongTensor per tokenizer: <|startoftext|> caption <|endoftext|>, truncated to 77 tokens and
     padded with the tokenizer's pad token (SD1 / SDXL-1: <|endoftext|>; SD2 / SDXL-2: "!"), as the pipelines do."""
+    if model.family == "sd3":
+        from library.models.sd3.text import tokenize_sd3
+
+        return tokenize_sd3(model, captions)
     out = []
     for tokenizer in model.tokenizers:
         ids = tokenizer(
@@ -53,6 +57,10 @@ def encode_text(model: SDModel, token_ids: list[torch.Tensor], clip_skip: int = 
     if len(token_ids) != len(model.text_encoders):
         raise ValueError(f"{len(token_ids)} token tensors for {len(model.text_encoders)} text encoders")
     match model.family:
+        case "sd3":
+            from library.models.sd3.text import encode_text_sd3
+
+            return encode_text_sd3(model, token_ids, clip_skip)
         case "sd1" | "sd2":
             (te,), (ids,) = model.text_encoders, token_ids
             ids = ids.to(te.device)
@@ -101,6 +109,12 @@ def unet_forward(
 
     Conditioning is cast to the UNet's dtype (text encoders may run in another precision than the UNet).
     """
+    if model.family == "sd3":
+        if time_ids is not None:
+            raise ValueError("time_ids are SDXL-only; an SD3 transformer takes none")
+        from library.models.sd3.forward import predict_sd3
+
+        return predict_sd3(model, model.unet, noisy_latents, timesteps, cond, {})
     unet = model.unet
     dtype = unet.dtype
     kwargs = {}
