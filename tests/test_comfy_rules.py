@@ -14,6 +14,12 @@ DoRA (item 1). The trained weight is peft's: m * (W + s*BA) / ||W + s*BA||, the 
 No layout makes all three compute peft's weight: the per-input layout is a different decomposition (column scaling
 of W + dW cannot equal row scaling), and ComfyUI's output branch disagrees with LyCORIS' for the same file. The file
 and `--help` say so (tests below), and `merge_models.py` merges a DoRA exactly (library/networks/lora_tools.py).
+
+Hypernetworks (item 2). A1111 (modules/hypernetworks/hypernetwork.py) is the reference for the format; ComfyUI
+(comfy_extras/nodes_hypernetwork.py `load_hypernetwork_patch`) rebuilds each module from the file's `.weight` keys in
+order, LayerNorm weights included, and applies `k + module(k) * strength` to the attention contexts by width. Its
+rule is re-implemented below (`comfyui_build`, independent of library/networks/hypernetwork_layers.py) and run on
+our files; the toolkit's config check must agree with it over a grid of settings.
 """
 
 from __future__ import annotations
@@ -182,3 +188,127 @@ def test_merging_the_dora_file_into_the_checkpoint_gives_the_trained_weight(dora
     merged = merge_lora({f"{name}.weight": w}, lora, {f"lora_unet_{name}": f"{name}.weight"})[f"{name}.weight"]
     trained = _trained_weight(getattr(toy, name), name, w)
     assert (merged - trained).abs().max() <= 1e-3 * trained.abs().max()
+
+
+# --- hypernetworks: ComfyUI's rebuild, re-written from load_hypernetwork_patch ------------------------------------
+
+COMFY_ACTS = {"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish,
+              "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softsign": nn.Softsign, "mish": nn.Mish}
+
+
+def comfyui_build(sd: dict) -> dict[int, nn.ModuleList] | None:
+    act = sd.get("activation_func", "linear")
+    ln, drop = sd.get("is_layer_norm", False), sd.get("use_dropout", False)
+    act_out, lld = sd.get("activate_output", False), sd.get("last_layer_dropout", False)
+    if act not in COMFY_ACTS:
+        return None  # ComfyUI logs "Unsupported Hypernetwork format" and the model stays unpatched
+    out = {}
+    for dim in [k for k in sd if isinstance(k, int)]:
+        pair = []
+        for state in sd[dim]:
+            names = [k[:-len(".weight")] for k in state if k.endswith(".weight")]
+            layers, i = [], 0
+            while i < len(names):
+                last, penultimate = i == len(names) - 1, i == len(names) - 2
+                w = state[names[i] + ".weight"]
+                lin = nn.Linear(w.shape[1], w.shape[0])
+                lin.load_state_dict({"weight": w, "bias": state[names[i] + ".bias"]})
+                layers.append(lin)
+                if act != "linear" and (not last or act_out):
+                    layers.append(COMFY_ACTS[act]())
+                if ln:
+                    i += 1
+                    norm = nn.LayerNorm(state[names[i] + ".weight"].shape[0])
+                    norm.load_state_dict({"weight": state[names[i] + ".weight"], "bias": state[names[i] + ".bias"]})
+                    layers.append(norm)
+                if drop and not last and (not penultimate or lld):
+                    layers.append(nn.Dropout(p=0.3))
+                i += 1
+            pair.append(nn.Sequential(*layers))  # never .eval(): ComfyUI leaves the modules in training mode
+        out[dim] = nn.ModuleList(pair)
+    return out
+
+
+def _hypernetwork_file(tmp_path, **settings):
+    """Our file for these [hypernetwork] settings (random non-trivial weights, LayerNorms included), read back as
+    ComfyUI reads it (torch.load weights_only)."""
+    from library.config.hypernetwork import HypernetworkConfig
+    from library.networks.hypernetwork import HypernetworkSpec, create_hypernetwork, parse_dropout_structure
+    from library.networks.hypernetwork_file import HypernetworkInfo, save_hypernetwork
+
+    h = HypernetworkConfig(**settings)
+    dropout = h.dropout_structure or parse_dropout_structure(h.layer_structure, h.use_dropout, h.last_layer_dropout)
+    spec = HypernetworkSpec(tuple(h.layer_structure), h.activation_func, h.add_layer_norm, h.activate_output,
+                            tuple(dropout), "KaimingUniform", h.use_dropout)
+    hn = create_hypernetwork(spec, [16, 24], torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for p in hn.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    path = save_hypernetwork(tmp_path / "hn.pt", hn, HypernetworkInfo(name="t"))
+    return hn, torch.load(str(path), weights_only=True)
+
+
+def _same_in_comfyui(hn, sd, strength=0.7) -> bool:
+    comfy = comfyui_build(sd)
+    if comfy is None:
+        return False
+    hn.eval()
+    hn.set_multiplier(strength)
+    g = torch.Generator().manual_seed(0)
+    for width, pair in zip(hn.widths, hn.pairs.values()):
+        x = torch.randn(2, 5, width, generator=g)
+        for ours, theirs in zip(pair, comfy[width]):
+            with torch.no_grad():
+                got = [x + theirs(x) * strength for _ in range(2)]  # twice: an active dropout shows as a change
+                if not all(torch.allclose(ours(x), y, atol=1e-6) for y in got):
+                    return False
+    return True
+
+
+GRID = [dict(activation_func=a, add_layer_norm=ln, activate_output=ao, layer_structure=ls)
+        for a in ("linear", "relu", "mish", "gelu") for ln in (False, True) for ao in (False, True)
+        for ls in ([1, 2, 1], [1, 1.5, 2, 1])] + \
+       [dict(activation_func="relu", use_dropout=True, layer_structure=ls, last_layer_dropout=lld)
+        for ls in ([1, 2, 1], [1, 2, 2, 1]) for lld in (False, True)] + \
+       [dict(activation_func="relu", use_dropout=True, add_layer_norm=True, activate_output=True,
+             layer_structure=[1, 2, 1], last_layer_dropout=lld) for lld in (False, True)] + \
+       [dict(activation_func="tanh", use_dropout=True, dropout_structure=[0, 0.1, 0.2, 0], layer_structure=[1, 2, 2, 1])]
+
+
+@pytest.mark.parametrize("settings", GRID, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_the_config_check_agrees_with_comfyuis_rebuild_of_our_file(tmp_path, capsys, settings):
+    from library.config.hypernetwork import HypernetworkConfig
+
+    hn, sd = _hypernetwork_file(tmp_path, **settings)
+    same = _same_in_comfyui(hn, sd)
+    causes = HypernetworkConfig(**settings).check_comfyui()
+    assert same == (causes == []), (same, causes)
+    warned = capsys.readouterr().err
+    assert (warned == "") == same
+    if not same:
+        with pytest.raises(Exception) as err:
+            HypernetworkConfig(preset="comfyui_compatible", **settings).validate()
+        assert str(err.value).startswith("hypernetwork.preset = 'comfyui_compatible', but ComfyUI would build this "
+                                         "file differently: hypernetwork.")
+
+
+def test_the_warning_names_the_keys(capsys):
+    from library.config.hypernetwork import HypernetworkConfig
+    from library.errors import ConfigError
+
+    HypernetworkConfig(activation_func="relu", add_layer_norm=True, use_dropout=True, layer_structure=[1, 2, 2, 1],
+                       last_layer_dropout=True).validate()
+    assert capsys.readouterr().err == (
+        "warning: ComfyUI builds this hypernetwork differently from A1111 and the toolkit: hypernetwork.add_layer_norm "
+        "= true with activation_func = 'relu' and activate_output = false: ComfyUI counts LayerNorm weights as layers "
+        "and adds the activation after the last Linear too (set activate_output = true, activation_func = 'linear' or "
+        "add_layer_norm = false); hypernetwork.use_dropout = true: ComfyUI never puts the modules in eval mode, so its "
+        "dropout (p = 0.3, whatever dropout_structure says) stays on when generating (set use_dropout = false). Set "
+        "hypernetwork.preset = 'comfyui_compatible' to make this an error.\n")
+    with pytest.raises(ConfigError, match=r"activation_func = 'gelu': ComfyUI knows only linear, relu, leakyrelu, "
+                                          r"elu, swish, tanh, sigmoid, softsign, mish; it logs an error"):
+        HypernetworkConfig(preset="comfyui_compatible", activation_func="gelu").validate()
+    HypernetworkConfig(preset="comfyui_compatible", activation_func="relu", add_layer_norm=True,
+                       activate_output=True).validate()
+    HypernetworkConfig(activation_func="gelu", network_weights="old.pt").validate()  # continuing: the file decides
+    assert capsys.readouterr().err == ""

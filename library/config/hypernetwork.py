@@ -8,19 +8,22 @@ library/networks/hypernetwork.py. No torch here: config modules stay light.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from library.config.fields import opt
 from library.config.run import RunConfig
 from library.errors import ConfigError
+from library.networks.hypernetwork_layers import comfyui_differences, parse_dropout_structure
 
 # A1111 accepts every torch.nn activation by its lower-cased class name, with "swish" meaning nn.Hardswish (sic) and
 # "linear" meaning none. These are the ones that take no constructor arguments and keep the width; ComfyUI's loader
-# (comfy_extras/nodes_hypernetwork.py) only knows linear, relu, leakyrelu, elu, swish, tanh, sigmoid, softsign, mish.
+# knows only the first nine (library/networks/hypernetwork_layers.py COMFYUI_ACTIVATIONS).
 Activation = Literal["linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish", "gelu",
                      "silu", "softplus", "selu", "celu", "hardswish", "relu6"]
-COMFYUI_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish")
+# "comfyui_compatible": only settings that ComfyUI's loader builds as A1111 and the toolkit do; others are errors.
+Preset = Literal["a1111", "comfyui_compatible"]
 WeightInit = Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"]
 
 
@@ -44,6 +47,8 @@ def check_layer_structure(layer_structure: list[float], dropout_structure: list[
 
 @dataclass
 class HypernetworkConfig:
+    preset: Preset = opt("a1111", "'a1111': any A1111 structure (a warning names the keys ComfyUI builds differently); "
+                         "'comfyui_compatible': those keys are errors, so the file gives the same result in ComfyUI.")
     layer_structure: list[float] = opt([1.0, 2.0, 1.0], "Width multipliers of each k/v module's layers; first and last are 1 (A1111 'Modules layer structure').")
     activation_func: Activation = opt("linear", "Activation after each Linear except the last (A1111 names; 'swish' is nn.Hardswish as in A1111).")
     weight_init: WeightInit = opt("Normal", "Initialisation of new Linear layers (Normal: std 0.01, zero bias, as A1111).")
@@ -65,6 +70,25 @@ class HypernetworkConfig:
         if any(w <= 0 for w in self.enable_sizes):
             raise ConfigError(f"hypernetwork.enable_sizes = {self.enable_sizes}: widths must be positive, e.g. "
                               "[768, 320, 640, 1280] for SD1.x")
+        self.check_comfyui()
+
+    def check_comfyui(self) -> list[str]:
+        """Causes (naming keys) for which ComfyUI would build the file differently; an error with the
+        comfyui_compatible preset, else one warning. Skipped when continuing a file (its structure is used)."""
+        if self.network_weights:
+            return []
+        dropout = self.dropout_structure or parse_dropout_structure(self.layer_structure, self.use_dropout,
+                                                                    self.last_layer_dropout)
+        causes = comfyui_differences(self.layer_structure, self.activation_func, self.add_layer_norm,
+                                     self.activate_output, self.use_dropout, dropout)
+        if causes and self.preset == "comfyui_compatible":
+            raise ConfigError("hypernetwork.preset = 'comfyui_compatible', but ComfyUI would build this file "
+                              "differently: " + "; ".join(f"hypernetwork.{c}" for c in causes))
+        if causes:
+            print("warning: ComfyUI builds this hypernetwork differently from A1111 and the toolkit: "
+                  + "; ".join(f"hypernetwork.{c}" for c in causes)
+                  + ". Set hypernetwork.preset = 'comfyui_compatible' to make this an error.", file=sys.stderr)
+        return causes
 
 
 @dataclass

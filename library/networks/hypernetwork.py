@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import ModelFileError
+from library.networks.hypernetwork_layers import parse_dropout_structure  # noqa: F401  (torch-free, re-exported)
 
 # A1111's activation_dict: torch.nn classes by lower-cased name, plus its aliases ("swish" is Hardswish there).
 ACTIVATIONS: dict[str, type[nn.Module] | None] = {
@@ -35,14 +36,6 @@ ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "relu6": nn.ReLU6,
 }
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
-
-
-def parse_dropout_structure(layer_structure: list[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
-    """A1111's legacy rule for files without `dropout_structure`: 0.3 after every hidden layer but the last one,
-    which gets 0.3 only with `last_layer_dropout`; 0 first and last. [1, 2, 2, 1] -> [0, 0.3, 0, 0]."""
-    if not use_dropout:
-        return [0.0] * len(layer_structure)
-    return [0.0] + [0.3] * (len(layer_structure) - 3) + [0.3 if last_layer_dropout else 0.0] + [0.0]
 
 
 @dataclass(frozen=True)
