@@ -60,6 +60,8 @@ class DataConfig:
     random_crop: bool = opt(False, "Crop at a random position instead of the centre (not with cache_latents).")
     alpha_mask: bool = opt(False, "Use the image alpha channel as a loss mask (transparent = not trained).")
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images (sd-scripts --prior_loss_weight).")
+    validation_split: float = opt(0.0, "Fraction of each training subset's images held out for the validation loss (sd-scripts; 0 = none, regularization images never).")
+    validation_seed: int = opt(-1, "Seed of the validation split and of the validation noise; -1 = train.seed (sd-scripts).")
     # --- ours: caption techniques ---
     multilevel_tag_dropout: bool = opt(False, "Illustrious multi-level tag dropout (30%/20%/10%/4% levels, see captions.py).")
     protected_tags: list[str] = opt([], "Tags never dropped (character, artist, rating); shell-style patterns like 'artist:*' allowed.")
@@ -129,6 +131,8 @@ class DataConfig:
             raise ConfigError("data.cache_latents_to_disk = true needs data.cache_latents = true")
         if self.cache_text_encoder_outputs_to_disk and not self.cache_text_encoder_outputs:
             raise ConfigError("data.cache_text_encoder_outputs_to_disk = true needs data.cache_text_encoder_outputs = true")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"data.validation_split must be at least 0 and below 1 (got {self.validation_split})")
         if self.prior_loss_weight < 0:
             raise ConfigError(f"data.prior_loss_weight must not be negative (got {self.prior_loss_weight})")
 

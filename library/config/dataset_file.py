@@ -84,6 +84,8 @@ class _DatasetKeys:
     bucket_reso_steps: int | None = opt(None, "Bucket side step.")
     bucket_no_upscale: bool | None = opt(None, "Never upscale; per-image buckets.")
     skip_image_resolution: int | list[int] | None = opt(None, "Leave out images whose area is at most this size.")
+    validation_split: float | None = opt(None, "Fraction of each training subset's images held out for the validation loss.")
+    validation_seed: int | None = opt(None, "Seed of the validation split (-1 = train.seed).")
 
 
 @dataclass
@@ -167,6 +169,8 @@ class DatasetSpec:
     bucket_no_upscale: bool
     subsets: list[SubsetSpec]
     skip_image_resolution: int | list[int] = 0  # a side or [width, height]; 0 = keep every image
+    validation_split: float | None = None  # None = data.validation_split (library/data/holdout.py)
+    validation_seed: int | None = None  # None = data.validation_seed
 
 
 SUBSET_FIELDS = [f.name for f in dataclasses.fields(SubsetSpec) if f.name not in ("image_dir", "metadata_file", "class_tokens", "is_reg", "name", "dataset_path", "dataset_name")]

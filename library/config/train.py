@@ -74,6 +74,9 @@ class TrainConfig:
     resume: str = opt("", "Resume from a saved state folder, or 'auto' for the newest one under save.output_dir.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto picks CUDA when available.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed ZeRO (multi-GPU memory saving, CPU offload).")
+    validate_every_n_steps: int = opt(0, "Validation loss (data.validation_split images) every N optimizer steps; with this and validate_every_n_epochs 0, at the end of every epoch (sd-scripts).")
+    validate_every_n_epochs: int = opt(0, "Validation loss at the end of every N-th epoch (0 = see validate_every_n_steps).")
+    max_validation_steps: int = opt(0, "Validation batches per evaluation: the first N, the same each time (0 = all).")
 
     def validate(self) -> None:
         if self.max_train_steps < 1 and self.max_train_epochs < 1:
@@ -84,6 +87,9 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be between 0 and 1 (got {self.ema_decay})")
         if self.max_consecutive_nan_steps < 1:
             raise ConfigError("train.max_consecutive_nan_steps must be at least 1")
+        if min(self.validate_every_n_steps, self.validate_every_n_epochs, self.max_validation_steps) < 0:
+            raise ConfigError("train.validate_every_n_steps, validate_every_n_epochs and max_validation_steps must "
+                              "not be negative")
         if self.cpu_threads < 0:
             raise ConfigError(f"train.cpu_threads must be 0 (PyTorch's default) or more (got {self.cpu_threads})")
         if self.deepspeed.enabled:

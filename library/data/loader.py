@@ -160,6 +160,7 @@ class TrainData:
         self.epoch = 0
         self.position = 0  # batches of this epoch consumed by the caller
         self.text_cache_dir: Path | None = None  # data.cache_text_encoder_outputs_to_disk: where the outputs live
+        self.validation = None  # library.data.holdout.ValidationData when data.validation_split holds images out
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` (0-based) from its first batch; the same epoch, part-way through (a resume), continues."""
@@ -212,6 +213,8 @@ class TrainData:
                                   f"while training ({', '.join(live)}): turn those off or turn the caching off")
             text, opts = choose_caption(it.captions, it.levels, o, random.Random(0))
             out.add(transform_caption(text, opts, random.Random(0), 0, it.quality_tag))
+        if self.validation is not None:  # its captions are encoded with the others, before the encoders leave
+            out.update(self.validation.captions())
         return sorted(out)
 
     def tag_frequency(self) -> dict:
@@ -293,6 +296,39 @@ def _build_cache(cfg: DataConfig, index: DataIndex, vae, cache_dtype: torch.dtyp
     return store
 
 
+def _hold_out(cfg: DataConfig, index: DataIndex, store: LatentStore | None, seed: int):
+    """(training index, its store, (validation index, its store, validation seed) or None): the images
+    library/data/holdout.py holds out move to the validation index; copies of them in other subsets are dropped."""
+    import dataclasses
+
+    from library.data.holdout import held_out_items, item_key, split_settings
+
+    settings = [split_settings(spec, cfg, seed) for spec in index.datasets]
+    if not any(fraction > 0 for fraction, _ in settings):
+        return index, store, None
+    held = held_out_items(index, cfg, seed)
+    if not held:
+        raise ConfigError("validation_split holds out no image: every training subset has fewer than 2 images; "
+                          "add images or set validation_split = 0")
+    keys = {item_key(index.items[ii]) for ii in held}
+    train = [ii for ii, it in enumerate(index.items) if item_key(it) not in keys]
+
+    def select(ids: list[int]) -> tuple[DataIndex, LatentStore | None]:
+        sub = dataclasses.replace(index, items=[index.items[ii] for ii in ids])
+        if store is None:
+            return sub, None
+        moved = LatentStore()
+        moved.memory = {new: store.memory[old] for new, old in enumerate(ids) if old in store.memory}
+        moved.files = {new: store.files[old] for new, old in enumerate(ids) if old in store.files}
+        return sub, moved
+
+    train_index, train_store = select(train)
+    held_index, held_store = select(held)
+    # The noise seed: the first held-out dataset's validation seed (one figure for the whole validation set).
+    noise_seed = next(s for f, s in settings if f > 0)
+    return train_index, train_store, (held_index, held_store, noise_seed)
+
+
 def build_train_data(cfg: DataConfig, *, default_resolution: int, seed: int, rank: int = 0, world_size: int = 1,
                      vae=None, cache_dtype: torch.dtype = torch.float32, family: str | None = None) -> TrainData:
     """Index the data, bucket it, (with `vae` and data.cache_latents) cache the latents now, and set up the loader.
@@ -303,6 +339,7 @@ def build_train_data(cfg: DataConfig, *, default_resolution: int, seed: int, ran
         raise ConfigError("data.bucket_reso_steps = 32 is for SDXL only; SD1/SD2 need a multiple of 64")
     index = index_datasets(dataset_specs(cfg, default_resolution), cfg)
     store = _build_cache(cfg, index, vae, cache_dtype) if (vae is not None and cfg.cache_latents) else None
+    index, store, held = _hold_out(cfg, index, store, seed)
 
     entries = [ii for ii, it in enumerate(index.items) for _ in range(it.repeats)]
     group_of: dict[tuple[int, bk.Size], list[int]] = defaultdict(list)
@@ -337,6 +374,15 @@ def build_train_data(cfg: DataConfig, *, default_resolution: int, seed: int, ran
     if rank == 0:
         print(report, file=sys.stderr)
     data = TrainData(index, sampler, loader, report)
+    if held is not None:
+        from library.data.holdout import ValidationData
+
+        held_index, held_store, held_seed = held
+        data.validation = ValidationData(held_index, [caption_options(s, cfg, synonyms) for s in held_index.subsets],
+                                         held_seed, held_store)
+        if rank == 0:
+            print(f"validation: {data.validation.num_samples} images held out "
+                  f"({len(data.validation)} batches), {len(index.items)} left for training", file=sys.stderr)
     data.text_cache_dir = text_cache_dir(cfg, index) if cfg.cache_text_encoder_outputs_to_disk else None
     return data
 
