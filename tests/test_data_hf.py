@@ -225,3 +225,19 @@ def test_config_refuses_two_sources_and_metadata_with_a_dataset():
         DataConfig(train_data_dir="x", dataset_path="y").validate()
     with pytest.raises(ConfigError, match="data.metadata_file is for image folders"):
         DataConfig(dataset_path="y", metadata_file="m.json").validate()
+
+
+def test_imagefolder_with_metadata_csv_and_a_parquet_of_relative_paths(tmp_path):
+    ref = epochs(build_train_data(cfg(train_data_dir=str(make_folder(tmp_path / "folder"))), default_resolution=512,
+                                  seed=4))
+    imf = make_imagefolder(tmp_path / "imf")
+    (imf / "metadata.jsonl").unlink()
+    lines = ["file_name,text"] + [f'img{i}.png,"{c}"' for i, c in enumerate(captions())]
+    (imf / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert_same_batches(ref, epochs(build_train_data(cfg(dataset_path=str(imf)), default_resolution=512, seed=4)))
+    # a path column: file names relative to the parquet file's folder
+    pq.write_table(pa.table({"image": [f"imf/img{i}.png" for i in range(len(SIZES))], "text": captions()}),
+                   tmp_path / "paths.parquet")
+    data = build_train_data(cfg(dataset_path=str(tmp_path / "paths.parquet")), default_resolution=512, seed=4)
+    assert data.index.items[0].path == tmp_path / "imf" / "img0.png" and data.index.items[0].source is None
+    assert_same_batches(ref, epochs(data))
