@@ -12,7 +12,8 @@ from typing import Literal
 from library.config.fields import opt
 from library.errors import ConfigError
 
-TimestepSampling = Literal["uniform", "logit_normal"]
+TimestepSampling = Literal["uniform", "logit_normal", "mode"]
+FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 # "flow" (rectified flow, SD3-style) is ours in addition to the two DDPM prediction types of library.models.families.
@@ -37,6 +38,12 @@ KOHYA_NAMES: dict[str, str] = {
     "huber_scale": "loss.huber_scale",
     "min_snr_gamma": "loss.min_snr_gamma",
     "debiased_estimation_loss": "loss.debiased_estimation",
+    # sd-scripts' SD3 options (sd3_train_utils.add_sd3_training_arguments); its --weighting_scheme names a sampling
+    # density or a weight in one option, which here are noise.timestep_sampling and loss.flow_weighting.
+    "logit_mean": "noise.logit_mean",
+    "logit_std": "noise.logit_std",
+    "mode_scale": "noise.mode_scale",
+    "training_shift": "noise.timestep_shift",
 }
 
 
@@ -61,11 +68,16 @@ class NoiseConfig:
     min_timestep: int = opt(0, "smallest training timestep (inclusive)")
     max_timestep: int = opt(1000, "largest training timestep (exclusive); at most the model's num_train_timesteps")
     timestep_sampling: TimestepSampling = opt(
-        "uniform", "'uniform' or 'logit_normal' (SD3, Esser et al. 2024 sec. 3.1) over [min_timestep, max_timestep)"
+        "uniform", "'uniform', 'logit_normal' (SD3, Esser et al. 2024 sec. 3.1) over [min_timestep, max_timestep), "
+        "or 'mode' (SD3 eq. 20; flow models only)"
     )
     logit_mean: float = opt(0.0, "mean of the normal behind logit_normal sampling")
     logit_std: float = opt(1.0, "standard deviation of the normal behind logit_normal sampling")
-    timestep_shift: float = opt(1.0, "multiply every sampled noise level sigma by this (> 1: noisier); 1 = off")
+    mode_scale: float = opt(1.29, "scale s of 'mode' sampling (SD3 eq. 20; diffusers' default 1.29); -1 <= s <= 1.75")
+    timestep_shift: float = opt(
+        1.0, "multiply every sampled noise level sigma by this (> 1: noisier); 1 = off; flow models (SD3): on top of "
+        "the model's own shift (3.0), sd-scripts' training_shift"
+    )
     resolution_shift: bool = opt(
         False, "also multiply sigma by (image side / native side), NovelAI V3's rule; levels past the DDPM schedule's "
         "top are not drawn (zero_terminal_snr trains the top)"
@@ -89,6 +101,9 @@ class NoiseConfig:
             )
         if self.logit_std <= 0:
             raise ConfigError(f"noise.logit_std = {self.logit_std} must be > 0")
+        if not -1.0 <= self.mode_scale <= 2.0 / (3.141592653589793 - 2.0):
+            raise ConfigError(f"noise.mode_scale = {self.mode_scale} must be in [-1, 1.75] (SD3 sec. 3.1: outside it "
+                              "eq. 20 is not a density)")
         if self.timestep_shift <= 0:
             raise ConfigError(f"noise.timestep_shift = {self.timestep_shift} must be > 0 (1 = no shift)")
 
@@ -103,6 +118,9 @@ class LossConfig:
     huber_scale: float = opt(1.0, "multiplies c for the 'constant' and 'exponential' schedules (sd-scripts huber_scale)")
     min_snr_gamma: float | None = opt(None, "min-SNR-gamma weighting (Hang et al. 2023), 5 is the paper's choice")
     debiased_estimation: bool = opt(False, "debiased estimation weighting (Yu et al. 2023): 1/sqrt(SNR) on eps loss")
+    flow_weighting: FlowWeighting = opt(
+        "none", "flow models (SD3): 'none', 'sigma_sqrt' (t^-2) or 'cosmap' loss weight (diffusers' SD3 trainer)"
+    )
 
     def validate(self) -> None:
         if self.huber_c <= 0:
@@ -130,6 +148,21 @@ def check_prediction_compat(
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(
             f"model.prediction_type = {prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}"
+        )
+    if prediction_type == "flow" and noise_cfg.zero_terminal_snr:
+        raise ConfigError(
+            "noise.zero_terminal_snr rescales DDPM betas; a rectified-flow model (SD3) has none and already ends at "
+            "pure noise (t = 1): set noise.zero_terminal_snr = false"
+        )
+    if prediction_type != "flow" and noise_cfg.timestep_sampling == "mode":
+        raise ConfigError(
+            f"noise.timestep_sampling = 'mode' is SD3's rectified-flow density (model.prediction_type is "
+            f"{prediction_type!r}): use 'uniform' or 'logit_normal'"
+        )
+    if loss_cfg is not None and prediction_type != "flow" and loss_cfg.flow_weighting != "none":
+        raise ConfigError(
+            f"loss.flow_weighting = {loss_cfg.flow_weighting!r} is for rectified-flow models (SD3), not "
+            f"{prediction_type!r}: remove it (for DDPM models see loss.min_snr_gamma / loss.debiased_estimation)"
         )
     if noise_cfg.zero_terminal_snr and prediction_type != "v_prediction":
         raise ConfigError(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from library.config.diffusion import LossConfig, NoiseConfig, check_prediction_compat
+from library.diffusion import flow as F
 from library.diffusion import loss as L
 from library.diffusion import schedule as S
 from library.diffusion.noise import add_flow_noise, add_noise, make_noise
@@ -60,6 +61,8 @@ class Objective:
         self.prediction_type = prediction_type
         self.native_resolution = native_resolution
         self.vae_scale_factor = vae_scale_factor
+        # Flow models: the shift they were trained with (SD3's scheduler `shift` 3.0), library/diffusion/flow.py.
+        self.model_shift = F.model_shift(scheduler_config) if prediction_type == "flow" else 1.0
         config = {
             "num_train_timesteps": num_train_timesteps,
             "beta_start": beta_start,
@@ -87,7 +90,7 @@ class Objective:
 
     def shift_for(self, latents: torch.Tensor) -> float:
         """Sigma multiplier for this batch: noise.timestep_shift, times the NovelAI resolution rule if enabled."""
-        shift = self.noise_cfg.timestep_shift
+        shift = self.noise_cfg.timestep_shift * self.model_shift
         if self.noise_cfg.resolution_shift:
             h, w = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
             shift *= S.resolution_shift(h, w, self.native_resolution)
@@ -110,7 +113,12 @@ class Objective:
         )
         device = latents.device
         if self.prediction_type == "flow":
-            timesteps, t = S.sample_flow_times(batch, generator, self.num_train_timesteps, **sampling)
+            if n.timestep_sampling == "mode":
+                timesteps, t = F.sample_mode_times(
+                    batch, generator, self.num_train_timesteps, min_timestep=n.min_timestep,
+                    max_timestep=n.max_timestep, mode_scale=n.mode_scale, shift=sampling["shift"])
+            else:
+                timesteps, t = S.sample_flow_times(batch, generator, self.num_train_timesteps, **sampling)
             noisy = add_flow_noise(latents, input_noise, t)
             target = L.flow_target(latents, target_noise)
             sigmas = t / (1.0 - t)  # inf at t = 1, like a zero-terminal-SNR step
@@ -150,6 +158,9 @@ class Objective:
                 c.huber_schedule, timesteps=prepared.timesteps, sigmas_t=prepared.sigmas, huber_c=c.huber_c,
                 huber_scale=c.huber_scale, num_train_timesteps=self.num_train_timesteps,
             )
+        if self.prediction_type == "flow" and c.flow_weighting != "none":
+            w = F.flow_loss_weight(c.flow_weighting, prepared.timesteps.float() / self.num_train_timesteps)
+            weights = w.to(pred.device) if weights is None else weights * w.to(weights.device)
         per_sample = L.per_sample_loss(
             pred, prepared.target,
             loss_type=c.loss_type, huber_c=huber_c, mask=masks, snr=prepared.snr,
