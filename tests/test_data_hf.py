@@ -241,3 +241,11 @@ def test_imagefolder_with_metadata_csv_and_a_parquet_of_relative_paths(tmp_path)
     data = build_train_data(cfg(dataset_path=str(tmp_path / "paths.parquet")), default_resolution=512, seed=4)
     assert data.index.items[0].path == tmp_path / "imf" / "img0.png" and data.index.items[0].source is None
     assert_same_batches(ref, epochs(data))
+
+
+def test_dataloader_workers_read_rows_as_the_main_process_does(tmp_path):
+    # data.num_workers defaults to 2: the rows' reader travels to the worker processes
+    p = make_parquet(tmp_path / "d.parquet")
+    ref = epochs(build_train_data(cfg(dataset_path=str(p)), default_resolution=512, seed=2))
+    assert_same_batches(ref, epochs(build_train_data(cfg(dataset_path=str(p), num_workers=2), default_resolution=512,
+                                                     seed=2)))

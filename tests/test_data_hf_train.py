@@ -34,3 +34,14 @@ def test_lora_trains_on_parquet_and_imagefolder_as_on_the_folder(tmp_path, monke
     for name in ("parquet", "imagefolder"):
         assert loras[name].keys() == ref.keys()
         assert all(torch.equal(loras[name][k], ref[k]) for k in ref), name
+
+
+def test_a_missing_caption_column_stops_the_script_with_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    p = make_parquet(tmp_path / "d.parquet", text_col="prompt")
+    cfg = write_config(tmp_path / "run.toml", tmp_path / "out", "lora",
+                       data={"train_data_dir": "", "dataset_path": str(p)})
+    assert main_in_process("lora", cfg) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: dataset {str(p)!r} (subset 'd.parquet'): caption_column = 'text' is not one of its "
+                   "columns; its columns are: image, prompt (set caption_column)"]
