@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 import caption_images
-from caption_models import COLOURS, make_images, make_tiny_blip, make_tiny_tagger
+from caption_models import (COLOURS, make_images, make_tiny_blip, make_tiny_blip2, make_tiny_florence2,
+                            make_tiny_tagger)
 from library.captioning.text import TextCaptioner
 from library.config.caption import GenerateConfig
 
@@ -218,3 +219,40 @@ def test_config_file_and_command_line(tmp_path, tagger, capsys):
     assert run("--config", cfg, "--caption.tagger.remove_underscore") == 0
     assert captions(tmp_path / "imgs") == {"a.txt": "sensitive, red hair, ^_^, looking at viewer, hakurei reimu\n"}
     assert "captioning" not in capsys.readouterr().err  # --no-progress: no bar
+
+
+def test_blip2_a_decoder_only_captioner_gets_its_prompt_cut(tmp_path):
+    blip2 = make_tiny_blip2(tmp_path / "tiny-blip2")
+    make_images(tmp_path / "imgs", {"a": "red", "b": "green", "c": "blue"})
+    prompt = "question : what is a photo answer :"
+    common = [tmp_path / "imgs", "--model", blip2, "--num_beams", "1", "--caption.text.max_new_tokens", "5",
+              "--caption.text.prompt", prompt, "--batch_size", "2", "--caption_extension"]
+    assert run(*common, ".cut") == 0
+    assert run(*common, ".kept", "--caption.keep_prompt") == 0
+    for stem in "abc":
+        cut = (tmp_path / "imgs" / f"{stem}.cut").read_text().strip()
+        kept = (tmp_path / "imgs" / f"{stem}.kept").read_text().strip()
+        assert kept == f"{prompt} {cut}" and cut and not cut.startswith("question")
+    assert run(tmp_path / "imgs", "--model", blip2, "--num_beams", "2", "--caption.text.max_new_tokens", "4") == 0
+    assert all(1 <= len(v.split()) <= 4 for v in captions(tmp_path / "imgs").values())
+
+
+def test_florence2_task_prompts_for_the_levels(tmp_path, tagger):
+    """An encoder-decoder captioner driven by task tokens: the short and detailed levels are exactly what it gives
+    for '<CAPTION>' and '<MORE_DETAILED_CAPTION>' (its output does not repeat the prompt, so nothing is cut)."""
+    florence = make_tiny_florence2(tmp_path / "tiny-florence2")
+    make_images(tmp_path / "imgs", {"a": "red", "b": "blue"})
+    short = GenerateConfig(prompt="<CAPTION>", max_new_tokens=4, num_beams=1)
+    detailed = GenerateConfig(prompt="<MORE_DETAILED_CAPTION>", max_new_tokens=8, min_new_tokens=3, num_beams=2)
+    assert run(tmp_path / "imgs", "--mode", "levels", "--model", florence, "--repo_id", tagger,
+               "--caption.short.prompt", short.prompt, "--caption.short.max_new_tokens", "4",
+               "--caption.short.num_beams", "1", "--caption.detailed.prompt", detailed.prompt,
+               "--caption.detailed.max_new_tokens", "8", "--caption.detailed.min_new_tokens", "3",
+               "--caption.detailed.num_beams", "2") == 0
+    direct = TextCaptioner(str(florence), dtype="fp32", device="cpu", keep_prompt=False)
+    for stem in "ab":
+        image = Image.open(tmp_path / "imgs" / f"{stem}.png").convert("RGB")
+        for level, gen in (("short", short), ("detailed", detailed)):
+            text = (tmp_path / "imgs" / f"{stem}.{level}.txt").read_text().strip()
+            assert text and text == direct([image], gen)[0], (stem, level)
+    assert (tmp_path / "imgs" / "a.tags.txt").read_text() == "red_hair, ^_^, looking_at_viewer, hakurei_reimu\n"
