@@ -28,11 +28,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from library.networks.lora import AdaptedModule
 from library.networks import lycoris
+from library.networks.lora import AdaptedModule
 
 
 # --- the three loaders' DoRA rules (each re-written from the function named in the module docstring) -----------
