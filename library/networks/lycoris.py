@@ -7,10 +7,11 @@ One place per adapter type, both directions, so saving and loading cannot drift 
   LyCORIS' `wd_on_output=True` layout. peft norms W + dW per output row (peft tuners/lora/dora.py), which is that
   layout, and LyCORIS applies it exactly. ComfyUI (comfy/weight_adapter/base.py `weight_decompose`) takes the output
   axis when `dora_scale.shape[0] == out` but divides by the norm of the base W, not W + dW (an open fix: ComfyUI PR
-  #15458); A1111 (extensions-builtin/Lora/network.py) reads only the per-input layout [1, in], which is another
-  decomposition (columns, not rows) that peft cannot train. So no layout gives the trained weight in all three:
-  kohya.DORA_NOTE says so in the file and --help; tests/test_comfy_rules.py checks each rule numerically.
-  diffusers' SD/SDXL loader drops `dora_scale` (lora_pipeline.py).
+  #15458); Forge's backend/patcher/lora.py copies that function. A1111 (extensions-builtin/Lora/network.py) reads
+  only the per-input layout [1, in], which is another decomposition (columns, not rows) that peft cannot train. So
+  no layout gives the trained weight in all three: kohya.DORA_NOTE says so in the file and --help;
+  tests/test_comfy_rules.py checks each rule numerically. diffusers' SD/SDXL loader drops `dora_scale`
+  (lora_pipeline.py).
 - LoHa: `hada_w1_a` [out, r], `hada_w1_b` [r, in*k*k], `hada_w2_a`, `hada_w2_b`, `alpha`; delta = (w1a w1b) * (w2a w2b)
   * alpha / r, same shapes and formula in peft and LyCORIS (lycoris/modules/loha.py).
 - LoKr: `lokr_w1` or `lokr_w1_a`/`_b`, `lokr_w2` or `lokr_w2_a`/`_b`, `alpha`; delta = kron(w1, w2) * scale. Readers
