@@ -158,3 +158,14 @@ def test_unknown_level_or_bad_weights_are_config_errors():
         DataConfig(caption_levels={"long": 1.0}).validate()
     with pytest.raises(ConfigError, match="weights must be numbers >= 0, not all 0"):
         DataConfig(caption_levels={"tags": 0.0}).validate()
+
+
+def test_levels_asked_for_but_absent_are_named_in_one_warning(tmp_path, capsys):
+    d = tmp_path / "imgs"
+    png(d / "x.png")
+    (d / "x.txt").write_text("main", encoding="utf-8")
+    data = build_train_data(cfg(train_data_dir=str(d), caption_levels={"tags": 1, "detailed": 0}),
+                            default_resolution=512, seed=0)
+    assert captions_over_epochs(data, 1) == ["main"]
+    assert ("warning: data.caption_levels draws tags, but no image of subset 'imgs' has those levels (files "
+            "foo.<level>.txt, metadata keys or dataset columns); its captions are used") in capsys.readouterr().err

@@ -249,3 +249,11 @@ def test_dataloader_workers_read_rows_as_the_main_process_does(tmp_path):
     ref = epochs(build_train_data(cfg(dataset_path=str(p)), default_resolution=512, seed=2))
     assert_same_batches(ref, epochs(build_train_data(cfg(dataset_path=str(p), num_workers=2), default_resolution=512,
                                                      seed=2)))
+
+
+def test_an_image_folder_given_as_a_dataset_says_where_captions_come_from(tmp_path):
+    folder = make_folder(tmp_path / "folder")  # .txt captions, no metadata.jsonl
+    with pytest.raises(DataError, match=r"caption_column = 'text' is not one of its columns; its columns are: image"
+                                        r".*; an imagefolder's captions come from its metadata.jsonl / metadata.csv, "
+                                        r"and a folder of images with caption files belongs in data.train_data_dir"):
+        build_train_data(cfg(dataset_path=str(folder)), default_resolution=512, seed=0)

@@ -112,7 +112,7 @@ def _check_spec(spec: DatasetSpec, where: str) -> None:
     if min(spec.resolution) < 64 or spec.batch_size < 1:
         raise ConfigError(f"{where}: resolution must be at least 64 px and batch_size at least 1")
     max_reso = spec.max_bucket_reso or 2 * max(spec.resolution)
-    if spec.min_bucket_reso % step or max_reso % step or spec.min_bucket_reso > max_reso:
+    if spec.enable_bucket and (spec.min_bucket_reso % step or max_reso % step or spec.min_bucket_reso > max_reso):
         raise ConfigError(f"{where}: min_bucket_reso ({spec.min_bucket_reso}) and max_bucket_reso ({max_reso}) must "
                           f"be multiples of bucket_reso_steps ({step}), min <= max")
     if spec.enable_bucket and max_reso < max(spec.resolution):  # sd-scripts asserts the same
@@ -183,6 +183,11 @@ def index_datasets(specs: list[DatasetSpec], cfg: DataConfig) -> DataIndex:
                     print(f"note: {len(small)} image(s) of '{s.name}' are at most {w}x{h} pixels "
                           f"(skip_image_resolution) and are left out of dataset #{di + 1}", file=sys.stderr)
                     items = [it for it in items if it not in small]
+            weighted = [name for name, w in cfg.caption_levels.items() if w > 0]
+            if weighted and not any(it.levels.get(name) for it in items for name in weighted):
+                print(f"warning: data.caption_levels draws {', '.join(weighted)}, but no image of subset '{s.name}' "
+                      f"has those levels (files foo.<level>{s.caption_extension}, metadata keys or dataset columns); "
+                      "its captions are used", file=sys.stderr)
             (reg_items if s.is_reg else train_items).extend(items)
         index.items.extend(train_items)
         index.items.extend(balance_regularization(train_items, reg_items))
@@ -423,10 +428,10 @@ def _scan_dataset(s: SubsetSpec, di: int, si: int, index: DataIndex) -> list[Ima
 
     where = f"dataset {s.dataset_path or s.dataset_name!r} (subset '{s.name}')"
     ds = hfdata.open_dataset(s.dataset_path, s.dataset_name, s.dataset_split)
-    hfdata.check_columns(ds, s.image_column, s.caption_column, where)
+    hfdata.check_columns(ds, s.image_column, s.caption_column, where, s.dataset_path)
     rows = hfdata.RowImages(ds, s.image_column, s.dataset_path or s.dataset_name)
     items = []
-    for row, data, path, captions, levels in hfdata.scan_rows(s, ds, where):
+    for row, data, path, captions, levels in hfdata.scan_rows(s, ds):
         source = None
         if data is not None:
             source, shown = rows, rows.display(row)

@@ -35,14 +35,14 @@ def scan_dataset(path: str, *, split: str = "train", image_column: str = "image"
     th = thresholds or Thresholds()
     ds = hfdata.open_dataset(path, "", split)
     where = f"dataset {path!r} (split {split!r})"
-    hfdata.check_columns(ds, image_column, caption_column, where)
+    hfdata.check_columns(ds, image_column, caption_column, where, path)
     spec = SimpleNamespace(dataset_path=path, image_column=image_column, caption_column=caption_column,
                            tags_column="", short_column="", detailed_column="")
     base = Path(path) if Path(path).is_dir() else Path(path).parent
     findings: list[Finding] = []
     images: list[ImageInfo] = []
     n = len(ds)
-    for row, data, file, captions, _ in hfdata.scan_rows(spec, ds, where):
+    for row, data, file, captions, _ in hfdata.scan_rows(spec, ds):
         if progress is not None:
             progress(row, n)
         rel = _label(row, file, base)

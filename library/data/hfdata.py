@@ -94,14 +94,21 @@ def open_dataset(path: str, name: str, split: str):
     return ds
 
 
-def check_columns(ds, image_column: str, caption_column: str, where: str) -> None:
+def check_columns(ds, image_column: str, caption_column: str, where: str, path: str = "") -> None:
+    """DataError naming the missing image / caption column and the columns the dataset has."""
     cols = list(ds.column_names)
     missing = [(k, c) for k, c in (("image_column", image_column), ("caption_column", caption_column)) if c
                and c not in cols]
     if missing:
         what = "; ".join(f"{k} = {c!r} is not one of its columns" for k, c in missing)
+        hint = ""
+        p = Path(path) if path else None
+        if p is not None and p.is_dir() and dataset_kind(p) == "imagefolder" and not any(
+                (p / m).is_file() for m in ("metadata.jsonl", "metadata.csv")):
+            hint = ("; an imagefolder's captions come from its metadata.jsonl / metadata.csv, and a folder of images "
+                    "with caption files belongs in data.train_data_dir")
         raise DataError(f"{where}: {what}; its columns are: {', '.join(cols)} (set "
-                        f"{' and '.join(k for k, _ in missing)})")
+                        f"{' and '.join(k for k, _ in missing)}){hint}")
 
 
 class RowImages:
@@ -148,8 +155,8 @@ def _image_value(value: Any, base: Path | None) -> tuple[bytes | None, Path | No
 
 
 def _text(value: Any) -> list[str]:
-    """Caption cell -> alternatives: a string (its non-empty lines) or a list of strings (one alternative each;
-    a tags list is one alternative joined with ', ')."""
+    """Caption cell -> alternatives: a string (its non-empty lines, as the lines of a caption file) or a list of
+    strings (one alternative each, e.g. COCO's several captions per image)."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -159,7 +166,7 @@ def _text(value: Any) -> list[str]:
     return [str(value)]
 
 
-def scan_rows(s, ds, where: str):
+def scan_rows(s, ds):
     """Yield (row, bytes | None, path | None, captions, levels) for every row, reading BATCH rows at a time."""
     cols = [s.image_column] + [c for c in (s.caption_column,) if c]
     levels = [(lvl, getattr(s, key)) for lvl, key in LEVEL_KEYS if getattr(s, key) in ds.column_names]
@@ -177,10 +184,10 @@ def scan_rows(s, ds, where: str):
             tags = {lvl: _tag_text(lvl, vals[j]) for lvl, vals in lv.items()}
             yield row, data, path, _text(caps[j]), {k: v for k, v in tags.items() if v}
             row += 1
-        del images, caps, lv
 
 
 def _tag_text(level: str, value: Any) -> list[str]:
+    """A level cell: like a caption cell, except that a list in the tags level is one caption of those tags."""
     if level == "tags" and isinstance(value, list):  # a list of tags is one caption
         return [", ".join(v.strip() for v in value if isinstance(v, str) and v.strip())] if value else []
     return _text(value)
