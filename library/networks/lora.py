@@ -21,7 +21,7 @@ from library.errors import ConfigError
 from library.models.model import SDModel
 
 ADAPTER_NAME = "sdtk"
-Component = Literal["unet", "text_encoder", "text_encoder_2"]
+Component = Literal["unet", "text_encoder", "text_encoder_2", "text_encoder_3"]  # SD3's T5: text_encoder_3
 Kind = Literal["linear", "conv"]  # "linear" covers 1x1 convs: sd-scripts gives them network_dim, not conv_dim
 
 # sd-scripts: UNET_TARGET_REPLACE_MODULE, UNET_TARGET_REPLACE_MODULE_CONV2D_3X3, TEXT_ENCODER_TARGET_REPLACE_MODULE.
@@ -199,13 +199,17 @@ def _roots(model: SDModel, cfg: NetworkConfig) -> list[tuple[Component, nn.Modul
     if not cfg.train_text_encoder_only:
         roots.append(("unet", model.unet))
     if not cfg.train_unet_only:
-        names: tuple[Component, ...] = ("text_encoder", "text_encoder_2")
+        names: tuple[Component, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
         roots += [(names[i], te) for i, te in enumerate(model.text_encoders)]
     return roots
 
 
 def plan_ranks(model: SDModel, cfg: NetworkConfig) -> dict[Component, dict[str, tuple[Kind, int, float, int]]]:
     """component -> module path -> (kind, rank, alpha, block) of every adapter to add (rank 0 modules left out)."""
+    if model.family == "sd3":  # MMDiT targets and no UNet blocks: library/networks/sd3_keys.py
+        from library.networks.sd3_keys import plan_sd3
+
+        return plan_sd3(model, cfg)  # type: ignore[return-value]
     n = NUM_BLOCKS[model.family]
     lr_w = block_lr_weights(model.family, cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight,
                             cfg.block_lr_zero_threshold)
