@@ -49,6 +49,40 @@ def test_no_block_once_a_package_that_checks_for_it_is_imported(monkeypatch):
     assert "tabnanny" not in sys.modules and importlib.util.find_spec("tabnanny") is not None
 
 
+def test_deferred_package_init_runs_on_first_unknown_name(tmp_path, monkeypatch):
+    """A deferred package imports its submodules without running its __init__.py; the first name it does not hold
+    yet runs it, after which the package is as if imported normally."""
+    pkg = tmp_path / "deferpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import sys\nsys.deferpkg_inits += 1\nfrom .sub import VALUE as EXPORTED\n")
+    (pkg / "sub.py").write_text("VALUE = 42\n")
+    (pkg / "other.py").write_text("OTHER = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "deferpkg_inits", 0, raising=False)
+    monkeypatch.setattr(lean, "UNUSED_AT_START", ())
+    monkeypatch.setattr(lean, "DEFERRED_INITS", ("deferpkg",))
+    monkeypatch.setattr(lean, "CHECKERS", ())
+    for name in ("deferpkg", "deferpkg.sub", "deferpkg.other"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    lean.block_unused()
+    try:
+        sub = importlib.import_module("deferpkg.sub")
+        assert sub.VALUE == 42 and sys.deferpkg_inits == 0
+        parent = sys.modules["deferpkg"]
+        assert parent.sub is sub and not hasattr(parent, "__all__")  # known names and dunder probes: no init
+        assert sys.deferpkg_inits == 0
+        from deferpkg import EXPORTED  # a name only __init__.py defines
+
+        assert EXPORTED == 42 and sys.deferpkg_inits == 1
+        assert importlib.import_module("deferpkg.other").OTHER == 7 and parent.sub is sub
+        with pytest.raises(AttributeError):
+            parent.MISSING
+        assert sys.deferpkg_inits == 1  # ran once
+    finally:
+        lean.unblock_all()
+    assert lean._FINDER not in sys.meta_path
+
+
 def test_training_after_diffusers_was_imported(tmp_path):
     """diffusers imported before main() has already found bitsandbytes: main() must not block it (it used to, and
     diffusers then failed to import its models)."""
@@ -72,18 +106,24 @@ def test_training_imports_bitsandbytes_only_for_an_8bit_optimizer(tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
         import train_lora
+        ZOO = ("diffusers.models.transformers.auraflow", "diffusers.models.unets.unet_3d",
+               "diffusers.models.autoencoders.autoencoder_dc", "diffusers.hooks.faster_cache")
         report = {{}}
         for opt, cfg in {json.dumps({k: str(v) for k, v in configs.items()})}.items():
             code = train_lora.main(["--config", cfg, "--save.save_state=false"])
             report[opt] = {{"exit": code, "bitsandbytes": sys.modules.get("bitsandbytes") is not None,
-                           "inductor": "torch._inductor.compile_fx" in sys.modules}}
+                           "inductor": "torch._inductor.compile_fx" in sys.modules,
+                           "scipy": sys.modules.get("scipy") is not None,
+                           "model_zoo": sorted(k for k in sys.modules if k.startswith(ZOO))}}
         print(json.dumps(report))
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["AdamW"] == {"exit": 0, "bitsandbytes": False, "inductor": False}
+    # Neither bitsandbytes, nor TorchInductor, nor scipy, nor models of other kinds (the deferred package inits of
+    # library/lean.py), even with a sample drawn through the diffusers pipeline.
+    assert report["AdamW"] == {"exit": 0, "bitsandbytes": False, "inductor": False, "scipy": False, "model_zoo": []}
     assert report["AdamW8bit"]["exit"] == 0 and report["AdamW8bit"]["bitsandbytes"]
     assert (tmp_path / "AdamW" / "sample").is_dir()
     if importlib.util.find_spec("torchvision") is None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import imagehash
 import numpy as np
 from PIL import Image
+
+from library.lean import unblock
+
+unblock("scipy")  # imagehash's pHash needs scipy, which scripts block at start-up until used (library/lean.py)
+import imagehash  # noqa: E402
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") uses.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
