@@ -49,6 +49,7 @@ def t5_tokenizer_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # full-size layouts on the meta device: 10-80 s on 2 shared cores
 @pytest.mark.parametrize("name", ["sd3_medium", "sd35_medium", "sd35_large"])
 def test_our_file_layout_is_what_diffusers_converts(name):
     """Independent check of the MMDiT map: diffusers' own converter (single_file_utils) turns the file we would write
@@ -87,6 +88,7 @@ def test_swapped_and_fused_tensors_match_diffusers_by_value():
     assert torch.equal(stored[: w.shape[0] // 2], w[w.shape[0] // 2:])  # (shift, scale) in the file
 
 
+@pytest.mark.slow  # full-size layouts on the meta device: 10-80 s on 2 shared cores
 @pytest.mark.parametrize("name", ["sd3_medium", "sd35_medium", "sd35_large"])
 def test_full_size_single_file_loads_on_meta_and_round_trips(name, t5_tokenizer_dir):
     model = _meta_model(name)
@@ -106,6 +108,7 @@ def test_full_size_file_without_text_encoders_needs_them_or_drops_t5(tmp_path):
         load_sd3_tensors(file, ModelConfig(pretrained_model_name_or_path="x", use_t5=False))
 
 
+@pytest.mark.slow  # full-size layouts on the meta device: 10-80 s on 2 shared cores
 def test_unknown_missing_and_misshaped_keys_fail_loudly(t5_tokenizer_dir):
     base = model_to_sd3_file(_meta_model("sd35_medium"))
     cfg = ModelConfig(pretrained_model_name_or_path="x", t5_tokenizer=str(t5_tokenizer_dir))

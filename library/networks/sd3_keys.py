@@ -11,13 +11,14 @@ asked (`train_t5`, sd-scripts' default is off: T5 is large and usually cached).
 Layouts:
 - "diffusers" (default): `transformer.<module path>.lora_A.weight` / `.lora_B.weight` and `text_encoder[_2|_3].<path>`
   (CLIP paths with `text_model.`), the peft layout diffusers' `StableDiffusion3Pipeline.load_lora_weights` reads
-  natively (diffusers has no converter for sd-scripts' SD3 names) and ComfyUI maps too (comfy/lora.py maps
-  `transformer.` keys of SD3 models to its MMDiT through `diffusers_keys`). The file has no alpha tensors, so the
+  natively (diffusers has no converter for sd-scripts' SD3 names) and ComfyUI maps too (comfy/lora.py
+  `model_lora_keys_unet`, SD3 branch: `transformer.<diffusers key>` through `comfy.utils.mmdit_to_diffusers`, q/k/v
+  placed into the fused qkv by offset). The file has no alpha tensors, so the
   scale alpha / rank is folded into lora_B (both readers then apply scale 1); `ss_network_alpha` / `ss_network_dim`
   record the trained values and loading unfolds it.
 - "sd_scripts": `lora_unet_<MMDiT path with _>` (`lora_unet_joint_blocks_0_x_block_attn_qkv`), `lora_te1_` /
-  `lora_te2_` / `lora_te3_`, tensors `lora_down.weight`, `lora_up.weight`, `alpha` (sd-scripts networks/lora_sd3.py,
-  which ComfyUI also maps). sd-scripts fuses q, k, v into one `qkv` layer; our separate q, k, v LoRAs of rank r are
+  `lora_te2_` / `lora_te3_`, tensors `lora_down.weight`, `lora_up.weight`, `alpha` (sd-scripts networks/lora_sd3.py;
+  ComfyUI's `model_lora_keys_unet` maps `lora_unet_<key with _>` for every `diffusion_model.` weight). sd-scripts fuses q, k, v into one `qkv` layer; our separate q, k, v LoRAs of rank r are
   written exactly as one rank-3r LoRA: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha' = 3 alpha, so
   up @ down * alpha' / 3r = [B_q A_q; B_k A_k; B_v A_v] * alpha / r. Reading back needs that block-diagonal up (what
   we write); a fused LoRA trained by sd-scripts has no exact split into three rank-r LoRAs and is refused by name.
