@@ -9,6 +9,8 @@
   Florence2Processor (CLIP image processor, word-level tokenizer with the <image> token) that takes the task
   prompts '<CAPTION>', '<DETAILED_CAPTION>', '<MORE_DETAILED_CAPTION>'; an encoder-decoder captioner (seed 1 and
   a wide decoder init give non-empty captions for the COLOURS).
+- `make_tiny_git(folder)`: a random GitForCausalLM with a GitProcessor (CLIP image processor, the BERT vocabulary
+  above); a decoder-only captioner whose processor also returns token_type_ids.
 - `make_tiny_tagger(folder)`: a WD14-like ONNX model (NHWC float input [batch, side, side, 3], BGR 0..255, sigmoid
   scores) built with the onnx helper API, plus its selected_tags.csv. It is not random: each score is a fixed
   function of the image's mean B, G and R (mean / 255 -> linear -> sigmoid), so a test knows which tags an image
@@ -110,7 +112,8 @@ def make_tiny_florence2(folder: Path, seed: int = 1) -> Path:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+                                        bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"})
     images = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
     images.image_seq_length = 17  # 32 px / stride 8 = 4 x 4 patches, + 1 pooled token
     processor = Florence2Processor(image_processor=images, tokenizer=tokenizer)
@@ -125,6 +128,24 @@ def make_tiny_florence2(folder: Path, seed: int = 1) -> Path:
                       decoder_start_token_id=2, forced_bos_token_id=1, init_std=0.6)
     config = Florence2Config(vision_config=vision, text_config=text.to_dict(), image_token_id=tokenizer.image_token_id)
     Florence2ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_git(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertTokenizerFast, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS.split())}
+    processor = GitProcessor(image_processor=CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False),
+                             tokenizer=BertTokenizerFast(vocab=vocab))
+    torch.manual_seed(seed)
+    config = GitConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=32, patch_size=8, initializer_range=1.0),
+                       vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=3,
+                       pad_token_id=0, initializer_range=0.3)
+    GitForCausalLM(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import caption_images
 from caption_models import (COLOURS, make_images, make_tiny_blip, make_tiny_blip2, make_tiny_florence2,
-                            make_tiny_tagger)
+                            make_tiny_git, make_tiny_tagger)
 from library.captioning.text import TextCaptioner
 from library.config.caption import GenerateConfig
 
@@ -204,7 +204,8 @@ def test_an_empty_caption_is_listed_not_written_and_retried(tmp_path, blip, caps
     assert run(tmp_path, "--model", blip, "--batch_size", "2") == 0
     assert sorted(captions(tmp_path)) == ["a.txt", "c.txt"]
     out = capsys.readouterr().out
-    assert f"skipped {tmp_path / 'b.png'}: the model gave an empty caption; nothing written (a rerun tries again)" in out
+    assert (f"skipped {tmp_path / 'b.png'}: the model gave an empty caption; nothing written (a rerun tries again)"
+            in out)
     monkeypatch.setattr(TextCaptioner, "__call__", real)
     assert run(tmp_path, "--model", blip) == 0
     assert "1 caption files to write, 2 already there" in capsys.readouterr().out
@@ -221,19 +222,21 @@ def test_config_file_and_command_line(tmp_path, tagger, capsys):
     assert "captioning" not in capsys.readouterr().err  # --no-progress: no bar
 
 
-def test_blip2_a_decoder_only_captioner_gets_its_prompt_cut(tmp_path):
-    blip2 = make_tiny_blip2(tmp_path / "tiny-blip2")
+@pytest.mark.parametrize("arch", ["blip2", "git"])
+def test_decoder_only_captioners_get_their_prompt_cut(tmp_path, arch):
+    """BLIP-2 (OPT decoder) and GIT continue their prompt; GIT's processor also returns token_type_ids."""
+    model = (make_tiny_blip2 if arch == "blip2" else make_tiny_git)(tmp_path / f"tiny-{arch}")
     make_images(tmp_path / "imgs", {"a": "red", "b": "green", "c": "blue"})
-    prompt = "question : what is a photo answer :"
-    common = [tmp_path / "imgs", "--model", blip2, "--num_beams", "1", "--caption.text.max_new_tokens", "5",
+    prompt = "question : what is a photo answer :" if arch == "blip2" else "a photo of"
+    common = [tmp_path / "imgs", "--model", model, "--num_beams", "1", "--caption.text.max_new_tokens", "5",
               "--caption.text.prompt", prompt, "--batch_size", "2", "--caption_extension"]
     assert run(*common, ".cut") == 0
     assert run(*common, ".kept", "--caption.keep_prompt") == 0
     for stem in "abc":
         cut = (tmp_path / "imgs" / f"{stem}.cut").read_text().strip()
         kept = (tmp_path / "imgs" / f"{stem}.kept").read_text().strip()
-        assert kept == f"{prompt} {cut}" and cut and not cut.startswith("question")
-    assert run(tmp_path / "imgs", "--model", blip2, "--num_beams", "2", "--caption.text.max_new_tokens", "4") == 0
+        assert kept == f"{prompt} {cut}" and cut
+    assert run(tmp_path / "imgs", "--model", model, "--num_beams", "2", "--caption.text.max_new_tokens", "4") == 0
     assert all(1 <= len(v.split()) <= 4 for v in captions(tmp_path / "imgs").values())
 
 

@@ -238,7 +238,8 @@ def test_strip_prompt_rule():
      r"caption.tagger.general_threshold = 1.5 must be in \[0, 1\]"),
     ({"image_dir": "x", "mode": "tags", "tagger": {"model": "t", "caption_separator": " "}},
      "caption_separator must contain a character"),
-    ({"image_dir": "x", "model": "m", "short": {"min_new_tokens": 30}}, "caption.short.min_new_tokens = 30 is above caption.short.max_new_tokens = 20"),
+    ({"image_dir": "x", "model": "m", "short": {"min_new_tokens": 30}},
+     "caption.short.min_new_tokens = 30 is above caption.short.max_new_tokens = 20"),
     ({"image_dir": "x", "model": "m", "text": {"num_beams": 0}}, "caption.text.num_beams = 0 must be >= 1"),
 ])
 def test_config_rules_name_the_key(table, message):

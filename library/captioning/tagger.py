@@ -126,7 +126,8 @@ class Tagger:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("the tagger needs onnxruntime: pip install onnxruntime (onnxruntime-gpu for CUDA)") from None
+            raise UserError("the tagger needs onnxruntime: pip install onnxruntime (onnxruntime-gpu for CUDA)"
+                            ) from None
         model_path, tags_path = tagger_files(cfg.model)
         self.table = read_tag_table(tags_path)
         use_cuda = device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()

@@ -10,6 +10,8 @@ Decoding is deterministic (greedy or beam search, no sampling), so a resumed run
 
 from __future__ import annotations
 
+import inspect
+
 from PIL import Image
 
 from library.config.caption import GenerateConfig
@@ -53,6 +55,8 @@ class TextCaptioner:
             if bar:
                 hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
+        # The inputs the model names: GIT's processor also returns BERT token_type_ids, which generate refuses.
+        self.accepts = set(inspect.signature(self.model.forward).parameters)
 
     def __call__(self, images: list[Image.Image], gen: GenerateConfig) -> list[str]:
         import torch
@@ -65,7 +69,7 @@ class TextCaptioner:
                               f"({str(e).splitlines()[0][:200]}); Florence-2 needs a task prompt such as "
                               "'<CAPTION>'") from None
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                  for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+                  for k, v in inputs.items() if isinstance(v, torch.Tensor) and k in self.accepts}
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
                                       num_beams=gen.num_beams, do_sample=False)

@@ -1,5 +1,6 @@
-"""`caption_images.py`'s config: `[caption]` what to caption and where the captions go, `[caption.tagger]` the WD14-style
-tagger, `[caption.text]` / `[caption.short]` / `[caption.detailed]` how the natural-language captioner generates.
+"""`caption_images.py`'s config: `[caption]` what to caption and where the captions go, `[caption.tagger]` the
+WD14-style tagger, `[caption.text]` / `[caption.short]` / `[caption.detailed]` how the natural-language captioner
+generates.
 
 Modes: `text` writes one natural-language caption per image (`foo.txt`); `tags` one tag list (`foo.txt`); `levels`
 the three caption levels of the Z-Image report side by side: `foo.tags.txt` (tagger), `foo.short.txt` and
@@ -70,7 +71,8 @@ class CaptionConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the models run: auto picks CUDA when available")
     model: str = opt("", "natural-language captioner: a transformers model id or folder that "
                          "AutoModelForImageTextToText loads (BLIP, BLIP-2, GIT, Florence-2, ...)")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "captioner precision: auto = fp16 on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = opt("auto", "captioner precision: auto = fp16 on CUDA, "
+                                                                 "fp32 on CPU")
     keep_prompt: bool = opt(False, "keep the prompt at the start of the caption when the model repeats it "
                                    "(BLIP: 'a picture of a dog' rather than 'a dog')")
     tagger: TaggerConfig = opt(TaggerConfig(), "the WD14-style tagger (modes tags and levels)")
@@ -82,7 +84,8 @@ class CaptionConfig:
     def validate(self) -> None:
         if not self.image_dir.strip():
             raise ConfigError("caption.image_dir is not set: give the folder, e.g. caption_images.py my_images/")
-        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2 or "/" in self.caption_extension:
+        ext = self.caption_extension
+        if not ext.startswith(".") or len(ext) < 2 or "/" in ext or "\\" in ext:
             raise ConfigError(f"caption.caption_extension = {self.caption_extension!r} must be an extension such as "
                               "'.txt' or '.caption'")
         if self.batch_size < 1:
