@@ -63,6 +63,13 @@ def read_prompts(inline: list[str], prompts_file: str, defaults: SamplePrompt) -
 def make_scheduler(name: str, scheduler_config: dict):
     import diffusers
 
+    if scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        # Flow models (SD3) sample with the flow-match Euler scheduler they ship; the DDPM samplers do not apply.
+        # 'euler_a' (the sample.sampler default) is read as this same Euler: diffusers has no ancestral flow sampler.
+        if name not in ("euler", "euler_a"):
+            raise ConfigError(f"sample.sampler = {name!r}: SD3 (a rectified-flow model) samples with 'euler' "
+                              "(FlowMatchEulerDiscreteScheduler)")
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     match name:
         case "euler_a":
             cls = diffusers.EulerAncestralDiscreteScheduler
@@ -92,6 +99,8 @@ def pipeline_class(family: str) -> type:
     try:
         import diffusers
 
+        if family == "sd3":
+            return diffusers.StableDiffusion3Pipeline
         return diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     finally:
         quiet.setLevel(level)
@@ -101,7 +110,13 @@ def build_pipeline(model: SDModel, sampler: str):
     """A diffusers pipeline over the live (training) modules: adapters and hooks apply as they are."""
     scheduler = make_scheduler(sampler, model.scheduler_config)
     cls = pipeline_class(model.family)
-    if model.family == "sdxl":
+    if model.family == "sd3":  # T5 may be dropped (model.use_t5 = false): the pipeline then zeroes its tokens
+        tes, toks = model.text_encoders, model.tokenizers
+        pipe = cls(
+            transformer=model.unet, scheduler=scheduler, vae=model.vae, text_encoder=tes[0], tokenizer=toks[0],
+            text_encoder_2=tes[1], tokenizer_2=toks[1], text_encoder_3=tes[2] if len(tes) > 2 else None,
+            tokenizer_3=toks[2] if len(toks) > 2 else None)
+    elif model.family == "sdxl":
         pipe = cls(
             vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
             tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler)
@@ -126,6 +141,10 @@ def generate(model: SDModel, prompts: list[SamplePrompt], *, sampler: str, base_
                       num_inference_steps=p.steps, guidance_scale=p.cfg_scale, generator=gen)
         if clip_skip > 1:
             kwargs["clip_skip"] = clip_skip - 1  # diffusers counts skipped layers; sd-scripts counts from 1
+        if model.family == "sd3":  # the T5 length the model is trained with (library/models/sd3/text.py)
+            from library.models.sd3.text import t5_tokens
+
+            kwargs["max_sequence_length"] = t5_tokens(model)
         # Half-precision frozen weights with fp32 trained parts (adapters, embeddings): autocast, as in training,
         # so the pipeline's fp32 latents and embeddings meet the UNet in one dtype.
         halves = {p.dtype for m in (model.unet, *model.text_encoders) for p in m.parameters()} - {torch.float32}
