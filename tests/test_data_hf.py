@@ -257,3 +257,16 @@ def test_an_image_folder_given_as_a_dataset_says_where_captions_come_from(tmp_pa
                                         r".*; an imagefolder's captions come from its metadata.jsonl / metadata.csv, "
                                         r"and a folder of images with caption files belongs in data.train_data_dir"):
         build_train_data(cfg(dataset_path=str(folder)), default_resolution=512, seed=0)
+
+
+def test_dataset_name_goes_through_load_dataset(tmp_path):
+    # No hub here: load_dataset also takes a local repository folder for a name, which runs the dataset_name path
+    # (load_dataset(name, split=..., cache_dir=...)) as a hub id would once downloaded.
+    repo = tmp_path / "user" / "set"
+    (repo / "data").mkdir(parents=True)
+    make_parquet(repo / "data" / "train-00000-of-00001.parquet")
+    ref = epochs(build_train_data(cfg(train_data_dir=str(make_folder(tmp_path / "folder"))), default_resolution=512,
+                                  seed=6))
+    data = build_train_data(cfg(dataset_name=str(repo)), default_resolution=512, seed=6)
+    assert data.index.subsets[0].name == str(repo) and str(data.index.items[0].path) == f"{repo}[0]"
+    assert_same_batches(ref, epochs(data))
