@@ -28,8 +28,9 @@ class DataConfig:
     train_data_dir: str = opt("", "Image folder (images + caption files, or sd-scripts '<repeats>_<class>' sub-folders), or 'demo:shapes'.")
     reg_data_dir: str = opt("", "Regularization image folder (same layout); balanced against the training images as sd-scripts does.")
     dataset_config: str = opt("", "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]); when set it defines the datasets.")
-    metadata_file: str = opt("", "JSON / JSONL metadata (path, caption, tags, optional score) for images in train_data_dir.")
+    metadata_file: str = opt("", "JSON / JSONL metadata (path, caption, tags, optional score; short / detailed caption levels) for images in train_data_dir.")
     class_tokens: str = opt("", "Caption for images without a caption file when train_data_dir holds the images directly.")
+    # --- ours: Hugging Face `datasets` datasets (key names of diffusers' train_text_to_image.py) ---
     dataset_path: str = opt("", "Local Hugging Face `datasets` dataset instead of train_data_dir: a parquet file or folder, a save_to_disk folder, or an imagefolder with metadata.jsonl / metadata.csv.")
     dataset_name: str = opt("", "Hugging Face dataset id (needs the hub, or its local cache), loaded with datasets.load_dataset.")
     dataset_split: str = opt("train", "Split of dataset_path / dataset_name to train on.")
