@@ -64,7 +64,7 @@ class DataConfig:
     validation_split: float = opt(0.0, "Fraction of each training subset's images held out for the validation loss (sd-scripts; 0 = none, regularization images never).")
     validation_seed: int = opt(-1, "Seed of the validation split and of the validation noise; -1 = train.seed (sd-scripts).")
     # --- ours: caption techniques ---
-    multilevel_tag_dropout: bool = opt(False, "Illustrious multi-level tag dropout (30%/20%/10%/4% levels, see captions.py).")
+    multilevel_tag_dropout: bool = opt(False, "Illustrious multi-level tag dropout: of n tags keep max(0.3n, 10) / max(0.4n, 15) / at most 6 / at most 4 with 30% / 20% / 10% / 4%, else all; protected and kept tags always stay (see captions.py).")
     protected_tags: list[str] = opt([], "Tags never dropped (character, artist, rating); shell-style patterns like 'artist:*' allowed.")
     synonyms: dict[str, list[str]] = opt({}, "Tag -> alternatives, e.g. {\"1girl\" = [\"one girl\"]}.")
     synonyms_file: str = opt("", "TOML or JSON file with more tag -> alternatives entries.")
