@@ -18,7 +18,8 @@ Findings and their severity (`SEVERITY`):
   folder name is the caption), `long_caption` (more words than fit CLIP's 75-token window).
 
 `quick=True` only checks headers, decodes (the cheapest way PIL allows) and captions: the training scripts run it at
-start to list the images they skip. Thresholds are the fields of `Thresholds`, with documented defaults.
+start to list the images they skip. A Hugging Face `datasets` dataset is checked row by row with the same checks by
+`library.data.doctor_datasets.scan_dataset`. Thresholds are the fields of `Thresholds`, with documented defaults.
 """
 
 from __future__ import annotations
