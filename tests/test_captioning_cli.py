@@ -74,3 +74,15 @@ def test_every_key_and_alias(flag, capsys):
     for part in key.split("."):
         node = node[part]
     assert node == value, (flag, node)
+
+
+def test_print_config_loads_back_equal(capsys):
+    from library.config.core import load_config
+
+    args = ["imgs", "--mode", "levels", "--model", "m", "--repo_id", "t", "--undesired_tags", "a b,c",
+            "--caption.detailed.prompt", "<MORE_DETAILED_CAPTION>", "--print-config"]
+    assert caption_images.main(args) == 0
+    cfg = load_config(caption_images.CONFIG_CLASS, tomllib.loads(capsys.readouterr().out))
+    assert cfg.caption.tagger.undesired_tags == "a b,c" and cfg.caption.detailed.prompt == "<MORE_DETAILED_CAPTION>"
+    assert (cfg.caption.mode, cfg.caption.model, cfg.caption.tagger.model, cfg.caption.image_dir) == (
+        "levels", "m", "t", "imgs")

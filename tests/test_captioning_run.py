@@ -259,3 +259,20 @@ def test_florence2_task_prompts_for_the_levels(tmp_path, tagger):
             text = (tmp_path / "imgs" / f"{stem}.{level}.txt").read_text().strip()
             assert text and text == direct([image], gen)[0], (stem, level)
     assert (tmp_path / "imgs" / "a.tags.txt").read_text() == "red_hair, ^_^, looking_at_viewer, hakurei_reimu\n"
+
+
+def test_a_model_that_refuses_the_inputs_is_one_error_line(tmp_path, blip, capsys, monkeypatch):
+    """A model whose generate refuses what its processor made (e.g. a chat model given a plain prompt) stops the
+    run with one line naming caption.model and the prompt."""
+    from transformers import BlipForConditionalGeneration
+
+    make_images(tmp_path, {"a": "red"})
+
+    def refuse(self, **kwargs):
+        raise ValueError("Image features and image tokens do not match: tokens: 0, features 4\nmore detail")
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", refuse)
+    assert run(tmp_path, "--model", blip, "--caption.text.prompt", "describe") == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: caption.model = '{blip}' cannot caption with prompt 'describe': Image features and "
+                   "image tokens do not match: tokens: 0, features 4\n")

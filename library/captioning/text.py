@@ -47,7 +47,7 @@ class TextCaptioner:
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, ImportError) as e:
             raise ConfigError(f"caption.model = {model!r} cannot be loaded as an image captioner (a transformers "
                               f"model id or folder that AutoModelForImageTextToText and AutoProcessor load: BLIP, "
                               f"BLIP-2, GIT, Florence-2, ...): {str(e).splitlines()[0][:300]}") from None
@@ -70,9 +70,13 @@ class TextCaptioner:
                               "'<CAPTION>'") from None
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items() if isinstance(v, torch.Tensor) and k in self.accepts}
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
-                                      num_beams=gen.num_beams, do_sample=False)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, max_new_tokens=gen.max_new_tokens,
+                                          min_new_tokens=gen.min_new_tokens, num_beams=gen.num_beams, do_sample=False)
+        except ValueError as e:  # e.g. a chat model whose prompt lacks its image token
+            raise ConfigError(f"caption.model = {self.ref!r} cannot caption with prompt {gen.prompt!r}: "
+                              f"{str(e).splitlines()[0][:300]}") from None
         captions = self.processor.batch_decode(out, skip_special_tokens=True)
         if gen.prompt and not self.keep_prompt and "input_ids" in inputs:
             prompts = self.processor.batch_decode(inputs["input_ids"], skip_special_tokens=True)
