@@ -157,6 +157,7 @@ def test_validation_loss_exact_and_independent_of_batching():
     one = V.validation_loss(fake_batches(latents, 1), zero, eps, seed=4)
     assert one.loss == pytest.approx(result.loss, rel=1e-6)  # the batching does not change the figure
     assert V.validation_loss(fake_batches(latents, 2), zero, eps, seed=5).loss != result.loss
+    assert V.validation_loss(fake_batches(latents, 2), zero, eps, seed=4, device="cpu") == result
     assert V.validation_loss([], zero, eps, seed=4).samples == 0
 
 

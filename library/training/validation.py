@@ -88,14 +88,16 @@ Encode = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (pixels, gen
 
 @torch.no_grad()
 def validation_loss(batches: Iterable[dict], denoise: Denoise, objective: Objective, *, seed: int,
-                    encode: Encode | None = None, timesteps: list[int] | None = None) -> ValidationResult:
+                    encode: Encode | None = None, timesteps: list[int] | None = None,
+                    device: torch.device | str | None = None) -> ValidationResult:
     """The validation loss of `batches` (ValidationData batches: `latents` or `pixels`, `sample_ids`, `masks`,
     `loss_weights`, ...), each sample at each of `timesteps` (default `validation_timesteps` over the objective's
     noise.min_timestep / max_timestep; flow: the model timesteps k = t + 1).
 
     `denoise` runs the model as training does (text conditioning, SDXL size conditioning, autocast); `encode` turns
     `pixels` into latents when they are not cached, given a generator seeded per batch. Put trained modules in eval
-    mode around the call (dropout) and back after. Returns a ValidationResult; samples = 0 when `batches` is empty.
+    mode around the call (dropout) and back after. `device`: where latents / pixels / masks are moved first (None:
+    where they are). Returns a ValidationResult; samples = 0 when `batches` is empty.
     """
     n = objective.noise_cfg
     if timesteps is None:
@@ -105,9 +107,12 @@ def validation_loss(batches: Iterable[dict], denoise: Denoise, objective: Object
     sums = {t: 0.0 for t in timesteps}
     count = 0
     for b, batch in enumerate(batches):
+        if device is not None:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "sample_ids" else v
+                     for k, v in batch.items()}
         if "latents" in batch:
             latents = batch["latents"]
-        elif encode is not None:
+        elif encode is not None:  # the VAE's posterior sample, seeded per batch (the batches are fixed)
             latents = encode(batch["pixels"], torch.Generator().manual_seed(noise_seed(seed, -1 - b, 0)))
         else:
             raise ValueError("a validation batch holds pixels, but no encode function was given")
