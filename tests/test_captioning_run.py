@@ -276,3 +276,18 @@ def test_a_model_that_refuses_the_inputs_is_one_error_line(tmp_path, blip, capsy
     err = capsys.readouterr().err
     assert err == (f"error: caption.model = '{blip}' cannot caption with prompt 'describe': Image features and "
                    "image tokens do not match: tokens: 0, features 4\n")
+
+
+def test_a_model_that_needs_a_missing_package_is_one_error_line(tmp_path, blip, capsys, monkeypatch):
+    import transformers
+
+    make_images(tmp_path, {"a": "red"})
+
+    def needs(*args, **kwargs):
+        raise ImportError("This modeling file requires the following packages that were not found: timm")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", needs)
+    assert run(tmp_path, "--model", blip) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: caption.model = '{blip}' cannot be loaded as an image captioner") and err.endswith(
+        "not found: timm\n")

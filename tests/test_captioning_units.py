@@ -69,10 +69,11 @@ def test_plan_same_stem_images_share_a_caption_file_and_one_is_listed(tmp_path):
 
 
 def test_plan_recursive_and_the_hint_when_images_sit_in_sub_folders(tmp_path):
+    (tmp_path / "0_empty").mkdir()  # a sub-folder without images first: the hint still names one with images
     touch_images(tmp_path / "10_cat", ["a.png"])
     touch_images(tmp_path / "5_dog" / "deeper", ["b.png"])
     touch_images(tmp_path / ".cache", ["c.png"])
-    with pytest.raises(DataError, match=r"no images directly in .*set caption.recursive = true"):
+    with pytest.raises(DataError, match=r"no images directly in .*\(e.g. 10_cat/\): set caption.recursive = true"):
         plan(tmp_path, mode="text", extension=".txt", recursive=False, overwrite=False)
     p = plan(tmp_path, mode="text", extension=".txt", recursive=True, overwrite=False)
     assert p.todo["caption"] == [tmp_path / "10_cat" / "a.png", tmp_path / "5_dog" / "deeper" / "b.png"]

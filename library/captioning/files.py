@@ -51,38 +51,49 @@ def levels_of(mode: str) -> tuple[str, ...]:
             raise ValueError(f"unknown caption mode {mode!r}")
 
 
-def list_images(root: Path, recursive: bool) -> list[Path]:
-    """Image files under `root` (hidden files and folders left out), sorted by path; sub-folders when `recursive`."""
-    if not root.is_dir():
-        raise DataError(f"image folder {root} not found (caption.image_dir)")
+def _scan(root: Path, recursive: bool) -> tuple[list[Path], dict[Path, set[str]]]:
+    """Image files under `root` sorted by path (hidden files and folders left out), and the names of the files in
+    each folder read: caption files are looked up in these listings, not one stat per image and level."""
     found: list[Path] = []
+    names: dict[Path, set[str]] = {}
     stack = [root]
     while stack:
         folder = stack.pop()
+        here = names.setdefault(folder, set())
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                if recursive:
-                    stack.append(Path(e.path))
-            elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:  # the loader's types
-                found.append(Path(e.path))
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    if recursive:
+                        stack.append(Path(e.path))
+                elif e.is_file():
+                    here.add(e.name)
+                    if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:  # the training loader's types
+                        found.append(Path(e.path))
     found.sort()
+    return found, names
+
+
+def list_images(root: Path, recursive: bool) -> tuple[list[Path], dict[Path, set[str]]]:
+    """`_scan`, with one clear error when there is nothing to caption (and a hint when sub-folders have images)."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found (caption.image_dir)")
+    found, names = _scan(root, recursive)
     if not found:
-        sub = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")] if not recursive else []
-        if sub and any(list_images(p, True) for p in sub):
-            raise DataError(f"no images directly in {root}, but its sub-folders have some (e.g. {sub[0].name}/): "
-                            "set caption.recursive = true (--recursive) to caption them")
+        sub = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        with_images = [p for p in sub if _scan(p, True)[0]] if not recursive else []
+        if with_images:
+            raise DataError(f"no images directly in {root}, but its sub-folders have some (e.g. "
+                            f"{with_images[0].name}/): set caption.recursive = true (--recursive) to caption them")
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {root}")
-    return found
+    return found, names
 
 
 def plan(root: Path, *, mode: str, extension: str, recursive: bool, overwrite: bool) -> Plan:
     """The caption files to write. Two images with the same name but another extension (foo.png, foo.jpg) would
     share one caption file: the first in sorted order is captioned, the other listed as skipped."""
-    images = list_images(root, recursive)
+    images, names = list_images(root, recursive)
     result = Plan(todo={level: [] for level in levels_of(mode)}, images=len(images))
     owner: dict[Path, Path] = {}
     for image in images:
@@ -91,8 +102,9 @@ def plan(root: Path, *, mode: str, extension: str, recursive: bool, overwrite: b
             result.skipped.append((image, f"shares its caption file {first.name} with {owner[first].name}"))
             continue
         owner[first] = image
+        present = names[image.parent]
         for level, todo in result.todo.items():
-            if not overwrite and caption_path(image, extension, level).exists():
+            if not overwrite and caption_path(image, extension, level).name in present:
                 result.existing += 1
             else:
                 todo.append(image)
