@@ -270,3 +270,21 @@ def test_dataset_name_goes_through_load_dataset(tmp_path):
     data = build_train_data(cfg(dataset_name=str(repo)), default_resolution=512, seed=6)
     assert data.index.subsets[0].name == str(repo) and str(data.index.items[0].path) == f"{repo}[0]"
     assert_same_batches(ref, epochs(data))
+
+
+def test_a_dataset_with_the_image_feature_written_by_datasets(tmp_path):
+    # What datasets itself writes (Dataset.to_parquet / save_to_disk with features Image()): decode stays ours.
+    from PIL import Image as PILImage
+
+    images = [PILImage.open(io.BytesIO(png_bytes(w, h, i))) for i, (w, h) in enumerate(SIZES)]
+    ds = datasets.Dataset.from_dict({"image": images, "text": captions()},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    ref = epochs(build_train_data(cfg(train_data_dir=str(make_folder(tmp_path / "folder"))), default_resolution=512,
+                                  seed=8))
+    for path in (tmp_path / "saved", tmp_path / "hf.parquet"):
+        data = build_train_data(cfg(dataset_path=str(path)), default_resolution=512, seed=8)
+        assert [it.header.size for it in data.index.items] == SIZES
+        assert_same_batches(ref, epochs(data))
