@@ -291,3 +291,23 @@ def test_a_model_that_needs_a_missing_package_is_one_error_line(tmp_path, blip, 
     err = capsys.readouterr().err
     assert err.startswith(f"error: caption.model = '{blip}' cannot be loaded as an image captioner") and err.endswith(
         "not found: timm\n")
+
+
+def test_no_tag_above_the_thresholds_is_listed(tmp_path, tagger, capsys):
+    make_images(tmp_path, {"a": "black", "b": "red"})
+    assert run(tmp_path, "--mode", "tags", "--repo_id", tagger, "--general_threshold", "0.99",
+               "--character_threshold", "1.0") == 0
+    assert captions(tmp_path) == {"b.txt": "red_hair\n"}  # black scores no tag >= 0.99
+    out = capsys.readouterr().out
+    assert f"skipped {tmp_path / 'a.png'}: no tag reached the thresholds; nothing written (a rerun tries again)" in out
+
+
+def test_dry_run_leaves_a_killed_runs_temporary_for_the_real_run(tmp_path, tagger):
+    make_images(tmp_path, {"a": "red"})
+    leftover = tmp_path / ".a.txt.tmp-999999999"  # no such process: a killed run's temporary
+    leftover.write_text("half")
+    assert run(tmp_path, "--mode", "tags", "--repo_id", tagger, "--dry-run") == 0
+    assert leftover.exists() and not (tmp_path / "a.txt").exists()
+    assert run(tmp_path, "--mode", "tags", "--repo_id", tagger) == 0
+    assert not leftover.exists()
+    assert (tmp_path / "a.txt").read_text() == "red_hair, ^_^, looking_at_viewer, hakurei_reimu\n"

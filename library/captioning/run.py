@@ -44,10 +44,10 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_plan(cfg: CaptionConfig) -> Plan:
+def make_plan(cfg: CaptionConfig, *, clean: bool = True) -> Plan:
     root = Path(cfg.image_dir).expanduser()
-    if root.is_dir():
-        recover_interrupted_writes(root)  # temporaries a killed run left beside the images
+    if clean and root.is_dir():
+        recover_interrupted_writes(root)  # temporaries a killed run left beside the images (hidden files)
     return plan(root, mode=cfg.mode, extension=cfg.caption_extension, recursive=cfg.recursive,
                 overwrite=cfg.overwrite)
 
@@ -63,7 +63,7 @@ def describe(p: Plan, cfg: CaptionConfig) -> str:
 def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
                    out: Callable[[str], None] = print) -> Plan:
     """Caption `cfg.image_dir`; returns the plan with every skipped image and its reason added."""
-    p = make_plan(cfg)
+    p = make_plan(cfg, clean=not dry_run)
     out(describe(p, cfg))
     if dry_run or p.total == 0:
         _report_skipped(p, out)
@@ -71,12 +71,13 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
     device = resolve_device(cfg.device)
     captioners: dict[str, Callable[[list[Image.Image]], list[str]]] = {}
     fits: dict[str, tuple[int, int]] = {}
+    tagger_fn = None
     if cfg.mode == "tags" or p.todo.get("tags"):
         from library.captioning.tagger import Tagger
 
-        tagger = Tagger(cfg.tagger, device)
+        tagger_fn = Tagger(cfg.tagger, device)
         level = "caption" if cfg.mode == "tags" else "tags"
-        captioners[level], fits[level] = tagger, (tagger.side, tagger.side)
+        captioners[level], fits[level] = tagger_fn, (tagger_fn.side, tagger_fn.side)
     if cfg.mode == "text" or p.todo.get("short") or p.todo.get("detailed"):
         from library.captioning.text import TextCaptioner
 
@@ -101,9 +102,9 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
                 captions = captioners[level](imgs) if imgs else []
                 for path, caption in zip(paths, captions):
                     if not caption.strip():
-                        what = "caption" if level == "caption" else f"{level} caption"
-                        p.skipped.append((path, f"the model gave an empty {what}; nothing written (a rerun "
-                                                "tries again)"))
+                        what = ("no tag reached the thresholds" if captioners[level] is tagger_fn else
+                                "the model gave an empty " + ("caption" if level == "caption" else f"{level} caption"))
+                        p.skipped.append((path, f"{what}; nothing written (a rerun tries again)"))
                         continue
                     written += 1
                     write_caption(caption_path(path, cfg.caption_extension, level), caption, written)
