@@ -77,3 +77,25 @@ def test_command_line_on_parquet_imagefolder_and_a_missing_column(tmp_path, caps
 def test_a_plain_folder_is_still_a_folder(tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes(64, 64, 0))
     assert not is_dataset(tmp_path)
+
+
+def test_quick_check_subsets_covers_folders_and_datasets_once_each(tmp_path):
+    from library.config.data import DataConfig
+    from library.data.dataset import dataset_specs
+    from library.data.doctor_datasets import quick_check_subsets
+
+    p = planted_parquet(tmp_path / "d.parquet")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes(64, 64, 0))
+    (folder / "a.txt").write_text("a thing", encoding="utf-8")
+    (folder / "b.png").write_bytes(b"")
+    (tmp_path / "ds.toml").write_text(f'[[datasets]]\n[[datasets.subsets]]\ndataset_path = "{p}"\n'
+                                      f'[[datasets.subsets]]\ndataset_path = "{p}"\nnum_repeats = 2\n'
+                                      f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{folder}"\n')
+    subsets = [s for spec in dataset_specs(DataConfig(dataset_config=str(tmp_path / "ds.toml")), 512)
+               for s in spec.subsets]
+    reports = quick_check_subsets(subsets)
+    assert [r.quick for r in reports] == [True, True] and len(reports) == 2
+    assert {(f.kind, f.path) for f in reports[0].blocking} == {("unreadable", "row 3"), ("zero_byte", "row 4")}
+    assert [(f.kind, f.path) for f in reports[1].blocking] == [("zero_byte", "b.png")]

@@ -85,3 +85,25 @@ def _label(row: int, file: Path | None, base: Path) -> str:
         except ValueError:
             return str(file)
     return f"row {row}"
+
+
+def quick_check_subsets(subsets, caption_extension: str = ".txt") -> list[Report]:
+    """The quick check (headers, decode, captions) of every image folder and every local dataset the subsets
+    (dataset_file.SubsetSpec) train on, each once: what `--dry-run` reports before a run."""
+    from library.data.doctor import quick_check
+
+    reports, seen = [], set()
+    for s in subsets:
+        if s.dataset_path:
+            key = ("dataset", s.dataset_path, s.dataset_split, s.image_column, s.caption_column)
+            if key not in seen:
+                reports.append(scan_dataset(s.dataset_path, split=s.dataset_split, image_column=s.image_column,
+                                            caption_column=s.caption_column, quick=True))
+        elif s.image_dir and not s.metadata_file:
+            key = ("folder", s.image_dir)
+            if key not in seen:
+                reports.append(quick_check(s.image_dir, s.caption_extension or caption_extension))
+        else:
+            continue
+        seen.add(key)
+    return reports
