@@ -288,3 +288,18 @@ def test_a_dataset_with_the_image_feature_written_by_datasets(tmp_path):
         data = build_train_data(cfg(dataset_path=str(path)), default_resolution=512, seed=8)
         assert [it.header.size for it in data.index.items] == SIZES
         assert_same_batches(ref, epochs(data))
+
+
+def test_folders_never_import_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    folder = make_folder(tmp_path / "folder")
+    code = ("import sys; from library.config.data import DataConfig; from library.data.loader import build_train_data;"
+            f"build_train_data(DataConfig(train_data_dir={str(folder)!r}, resolution=64, min_bucket_reso=32, "
+            "bucket_reso_steps=32, num_workers=0), default_resolution=512, seed=0);"
+            "import check_dataset; print(sorted(m for m in ('datasets', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
