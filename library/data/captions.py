@@ -93,7 +93,9 @@ def multilevel_keep_count(n: int, rng: random.Random) -> int:
     fractional counts round down. Why kept: `min(n, 6)` and `min(n, 4)` only make sense as "at most 6 / 4 tags
     remain" (as counts dropped they would empty every caption of up to 6 tags), and `max(0.3 n, 10)` as "keep at
     least 10 of a long list" trims a 100-tag Danbooru caption to 30 while leaving short captions whole. The earlier
-    dropped reading emptied an 8-tag caption in 50% of draws (and a 20-tag one kept 10 or fewer in 50%).
+    dropped reading emptied an 8-tag caption in 50% of draws (and a 20-tag one kept 10 or fewer in 50%). (The copy of
+    the report we could read, arXiv 2409.19946v1, showed its opening only, not the dropout paragraph's wording: the
+    reading rests on the four formulas as DESIGN.md quotes them.)
     The caller never drops protected or fixed (keep_tokens) tags, so they always stay, even past the count.
 
     Measured over seeds 0..9999 (`transform_caption(caption, CaptionOptions(multilevel_dropout=True),
