@@ -168,6 +168,7 @@ def test_second_run_reads_the_text_encoder_outputs_from_disk(tmp_path, capfd):
     from tests.tinyrun import train_in_process, write_config
 
     cfg = write_config(tmp_path / "run.toml", tmp_path / "out", "lora", train={"max_train_steps": 1},
+                       network={"train_unet_only": True},
                        data={"cache_text_encoder_outputs": True, "cache_text_encoder_outputs_to_disk": True,
                              "cache_dir": str(tmp_path / "cache")})
     train_in_process("lora", cfg)
