@@ -8,6 +8,11 @@ Key -> slot: `time_embed` (and SDXL `label_emb`) -> IN00, `input_blocks.N` -> IN
 
 Users paste alphas in the forms those tools use: 25 values (SDXL 19) for the UNet slots, BASE taken from `alpha`;
 26 values (SDXL 20) with BASE first; a comma-separated string of either; or a preset name (PRESETS).
+
+SD3 / SD3.5 (MMDiT, `n_blocks` joint blocks: 24 for SD3 Medium / SD3.5 Medium, 38 for SD3.5 Large): the slots of
+ComfyUI's ModelMergeSD3_2B / ModelMergeSD35_Large nodes (comfy_extras/nodes_model_merging_model_specific.py),
+named as there: pos_embed, x_embedder, context_embedder, y_embedder, t_embedder, joint_blocks.0 ..
+joint_blocks.{n-1}, final_layer (n_blocks + 6 model slots), plus BASE for the text encoders and the VAE.
 """
 
 from __future__ import annotations
@@ -22,10 +27,25 @@ from library.models.families import Family
 UNET = "model.diffusion_model."
 _UNET_BLOCKS = {"sd1": 12, "sd2": 12, "sdxl": 9}  # input_blocks / output_blocks per family (LDM / SGM UNetModel)
 _BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.")
+SD3_EMBEDDERS = ("pos_embed", "x_embedder", "context_embedder", "y_embedder", "t_embedder")
+_JOINT = re.compile(r"joint_blocks\.(\d+)\.")
 
 
-def slot_names(family: Family) -> list[str]:
-    """All slots in the order users write them: BASE, IN.., M00, OUT.. (26 for SD1/SD2, 20 for SDXL)."""
+def sd3_blocks_in(keys) -> int:
+    """Number of MMDiT joint blocks among single-file keys (what SD3 slot lists are built for)."""
+    found = {int(m.group(1)) for k in keys if k.startswith(UNET) and (m := _JOINT.match(k[len(UNET):]))}
+    if found != set(range(len(found))):
+        raise ValueError(f"joint blocks are not numbered 0..n-1: {sorted(found)}")
+    return len(found)
+
+
+def slot_names(family: Family, n_blocks: int | None = None) -> list[str]:
+    """All slots in the order users write them: BASE, IN.., M00, OUT.. (26 for SD1/SD2, 20 for SDXL); SD3:
+    BASE, the five embedders, joint_blocks.0 .. joint_blocks.{n_blocks - 1}, final_layer."""
+    if family == "sd3":
+        if not n_blocks:
+            raise ValueError("SD3 slot names need the number of joint blocks (sd3_blocks_in)")
+        return ["BASE", *SD3_EMBEDDERS, *(f"joint_blocks.{i}" for i in range(n_blocks)), "final_layer"]
     n = _blocks(family)
     return ["BASE", *(f"IN{i:02d}" for i in range(n)), "M00", *(f"OUT{i:02d}" for i in range(n))]
 
@@ -38,6 +58,8 @@ def _blocks(family: Family) -> int:
 
 def block_slot(key: str, family: Family) -> str:
     """The slot of one single-file (LDM/SGM) key. A UNet key outside the family's layout raises ValueError."""
+    if family == "sd3":
+        return _sd3_slot(key)
     n = _blocks(family)
     if not key.startswith(UNET):
         return "BASE"  # text encoder(s), VAE, schedule buffers, markers
@@ -52,6 +74,19 @@ def block_slot(key: str, family: Family) -> str:
     if m and int(m.group(2)) < n:
         return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
     raise ValueError(f"'{key}' is not a UNet key of the {family} layout (no block slot for it)")
+
+
+def _sd3_slot(key: str) -> str:
+    if not key.startswith(UNET):
+        return "BASE"  # text_encoders.*, first_stage_model.*
+    rest = key[len(UNET):]
+    head = rest.split(".", 1)[0]
+    if head in SD3_EMBEDDERS or head == "final_layer":
+        return head
+    m = _JOINT.match(rest)
+    if m:
+        return f"joint_blocks.{int(m.group(1))}"
+    raise ValueError(f"'{key}' is not an MMDiT key of the SD3 layout (no block slot for it)")
 
 
 # Presets over the UNet slots (IN00 .. OUT last), as functions of the position t in [0, 1] (IN00 = 0, last OUT = 1).
@@ -76,29 +111,30 @@ PRESETS: dict[str, Callable[[float], float]] = {
 }
 
 
-def preset_values(name: str, family: Family) -> list[float]:
-    """The UNet-slot values (25 or 19) of a named preset."""
+def preset_values(name: str, family: Family, n_blocks: int | None = None) -> list[float]:
+    """The UNet-slot values (25 or 19; SD3: n_blocks + 6, embedders first, final_layer last) of a named preset."""
     key = name.strip().upper()
     if key not in PRESETS:
         raise ConfigError(f"unknown block-weight preset {name!r}; known: {', '.join(PRESETS)}")
-    n = 2 * _blocks(family) + 1
+    n = len(slot_names(family, n_blocks)) - 1
     return [round(PRESETS[key](i / (n - 1)), 10) for i in range(n)]
 
 
-def parse_block_alphas(value: str | Sequence[float], family: Family, base: float, *, what: str) -> dict[str, float]:
+def parse_block_alphas(value: str | Sequence[float], family: Family, base: float, *, what: str,
+                       n_blocks: int | None = None) -> dict[str, float]:
     """slot -> alpha from a preset name, a comma-separated string or a list (UNet slots only, or BASE first).
 
     `base` is BASE's value when the UNet-only form is given; `what` names the config key in error messages.
     An empty value gives every slot `base` (a plain, unweighted merge).
     """
-    slots = slot_names(family)
+    slots = slot_names(family, n_blocks)
     n = len(slots) - 1
     if isinstance(value, str):
         text = value.strip()
         if not text:
             values: list[float] = []
         elif re.fullmatch(r"[A-Za-z_][\w*-]*", text):
-            return dict(zip(slots, [base, *preset_values(text, family)]))
+            return dict(zip(slots, [base, *preset_values(text, family, n_blocks)]))
         else:
             try:
                 values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
@@ -113,5 +149,5 @@ def parse_block_alphas(value: str | Sequence[float], family: Family, base: float
         values = [base, *values]
     if len(values) != n + 1:
         raise ConfigError(f"{what} has {len(values)} values; a {family} block-weighted merge takes {n} "
-                          f"(IN00..{slots[-1]}, BASE from the plain alpha) or {n + 1} (BASE first)")
+                          f"({slots[1]}..{slots[-1]}, BASE from the plain alpha) or {n + 1} (BASE first)")
     return dict(zip(slots, values))
