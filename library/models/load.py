@@ -72,9 +72,6 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDMod
 
 def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDModel:
     """Load a diffusers-format pipeline folder (as written by diffusers' `save_pretrained` or `save_diffusers`)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     folder = Path(folder)
     from library.models.sd3.load import is_sd3_folder
 
@@ -93,15 +90,10 @@ def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype 
         _require(folder, sub, family)
     variant = cfg.variant or None
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, variant=variant)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, variant=variant)
-        text_encoders = []
-        for name in te_names:
-            # SDXL's second encoder carries the pooled projection; everything else is a plain CLIPTextModel.
-            te_class = _read_json(folder / name / "config.json").get("architectures", [""])[0]
-            cls = CLIPTextModelWithProjection if te_class == "CLIPTextModelWithProjection" else CLIPTextModel
-            text_encoders.append(cls.from_pretrained(folder, subfolder=name, dtype=dtype, variant=variant))
-        tokenizers = [CLIPTokenizer.from_pretrained(folder / name) for name in tok_names]
+        unet = _load_component(folder, "unet", variant, dtype)
+        vae = _load_component(folder, "vae", variant, dtype)
+        text_encoders = [_load_component(folder, name, variant, dtype) for name in te_names]
+        tokenizers = load_tokenizers([folder / name for name in tok_names])
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{folder}: cannot load this diffusers folder ({type(e).__name__}: {e})") from e
     prediction: PredictionType = scheduler_config.get("prediction_type") or "epsilon"
@@ -119,6 +111,74 @@ def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype 
     )
     set_prediction_type(model, prediction)
     return model
+
+
+# What each component of an SD1/SD2/SDXL folder is built as, and the stem of its weights file.
+_UNET, _VAE = "diffusion_pytorch_model", "diffusion_pytorch_model"
+_TE = "model"
+
+
+def _component_class(folder: Path, name: str) -> tuple[type, str]:
+    """(class, weights file stem) of component `name` (unet, vae, text_encoder, text_encoder_2)."""
+    match name:
+        case "unet":
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+            return UNet2DConditionModel, _UNET
+        case "vae":
+            from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+            return AutoencoderKL, _VAE
+        case "text_encoder" | "text_encoder_2":
+            from transformers.models.clip.modeling_clip import CLIPTextModel, CLIPTextModelWithProjection
+
+            # SDXL's second encoder carries the pooled projection; everything else is a plain CLIPTextModel.
+            arch = _read_json(folder / name / "config.json").get("architectures", [""])[0]
+            return (CLIPTextModelWithProjection if arch == "CLIPTextModelWithProjection" else CLIPTextModel), _TE
+        case _:
+            raise ValueError(f"unknown component {name!r}")
+
+
+def _load_component(folder: Path, name: str, variant: str | None, dtype: torch.dtype | None) -> Any:
+    """One component: built on the meta device from its config and given the safetensors weights
+    (library/models/meta_load.py); other formats (pickled .bin) and key sets this path does not know go through
+    the owning library's `from_pretrained`, which converts them."""
+    from library.models.meta_load import WeightsMismatch, assign_weights, empty, folder_weights, read_safetensors
+
+    cls, stem = _component_class(folder, name)
+    weights = folder_weights(folder / name, stem, variant)
+    if weights is not None:
+        module = empty(lambda: _from_config(cls, folder / name))
+        try:
+            state = read_safetensors(weights)
+            if name.startswith("text_encoder"):
+                from library.models.keymaps_clip import te_module_keys
+
+                state = te_module_keys(module, state)  # files carry `text_model.` keys (library/models/save.py)
+            assign_weights(module, state, dtype=dtype)
+            if name.startswith("text_encoder"):
+                module.config.dtype = module.dtype  # as transformers' from_pretrained records it (saved configs)
+            return module.eval()
+        except WeightsMismatch:
+            pass  # e.g. a VAE saved by diffusers < 0.14 (old attention names): from_pretrained renames them
+    if name.startswith("text_encoder"):
+        return cls.from_pretrained(folder, subfolder=name, dtype=dtype, variant=variant)
+    return cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype, variant=variant)
+
+
+def _from_config(cls: type, component: Path) -> Any:
+    if hasattr(cls, "load_config"):  # diffusers ModelMixin
+        return cls.from_config(cls.load_config(component))
+    from transformers.models.clip.configuration_clip import CLIPTextConfig
+
+    return cls(CLIPTextConfig.from_pretrained(component))
+
+
+def load_tokenizers(folders: list[Path]) -> list[Any]:
+    """The CLIP tokenizers of these tokenizer folders (vocab.json + merges.txt, or tokenizer.json)."""
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+
+    return [CLIPTokenizer.from_pretrained(f) for f in folders]
 
 
 def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any]) -> Family:
