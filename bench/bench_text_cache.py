@@ -72,7 +72,8 @@ def main() -> None:
             times["identity"][-1] = hashed - t  # the second hash: the first one also paid for cold caches
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"captions": len(captions), "threads": torch.get_num_threads(), "seconds": med,
-              "encode_over_reuse": med["encode"] / med["reuse"], "identity_share_of_reuse": med["identity"] / med["reuse"]}
+              "encode_over_reuse": med["encode"] / med["reuse"],
+              "identity_share_of_reuse": med["identity"] / med["reuse"]}
     out = REPO / "bench" / "results" / "text_cache.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"text-encoder cache, {len(captions)} captions, CLIP ViT-L fp32 on CPU ({result['threads']} threads): "

@@ -57,7 +57,8 @@ def test_held_out_images_leave_training_and_captions_are_fixed():
     same = build_train_data(cfg, default_resolution=64, seed=3).validation
     assert {it.path for it in same.index.items} == val_paths
     other = DataConfig(**{**BASE, "validation_split": 0.25, "validation_seed": 3})
-    assert {it.path for it in build_train_data(other, default_resolution=64, seed=99).validation.index.items} == val_paths
+    moved = build_train_data(other, default_resolution=64, seed=99).validation
+    assert {it.path for it in moved.index.items} == val_paths
     assert build_train_data(DataConfig(**BASE), default_resolution=64, seed=3).validation is None
 
 

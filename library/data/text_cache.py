@@ -147,7 +147,8 @@ def _load_entry(path: Path, entry: dict, caption: str) -> Outputs | None:
               "encoding it again", file=sys.stderr)
         return None
     shapes = {k: list(v.shape) for k, v in tensors.items()}
-    if shapes != entry.get("shapes") or str(tensors["hidden"].dtype if "hidden" in tensors else None) != entry.get("dtype"):
+    dtype = str(tensors["hidden"].dtype) if "hidden" in tensors else None
+    if shapes != entry.get("shapes") or dtype != entry.get("dtype"):
         print(f"warning: text-encoder cache file {path} (caption {caption[:60]!r}) holds {shapes}, not what its "
               f"manifest says ({entry.get('shapes')}, {entry.get('dtype')}); encoding it again", file=sys.stderr)
         return None
@@ -155,8 +156,8 @@ def _load_entry(path: Path, entry: dict, caption: str) -> Outputs | None:
 
 
 def _why_stale(old: dict, new: dict) -> str:
-    names = {"text_encoders": "text encoder changed", "tokenizers": "tokenizer changed", "clip_skip": "clip_skip changed",
-             "max_length": "max length changed", "family": "family changed", "precision": "precision changed"}
+    names = {"text_encoders": "text encoder changed", "tokenizers": "tokenizer changed",
+             "clip_skip": "clip_skip changed", "max_length": "max length changed", "family": "family changed", "precision": "precision changed"}
     for k in new:
         if old.get(k) != new[k]:
             return names.get(k, f"{k} changed")

@@ -226,13 +226,16 @@ def sample_ddpm_timesteps(
     """
     max_timestep = len(sigmas) if max_timestep is None else max_timestep
     span = max_timestep - min_timestep
-    lo, hi = (min_timestep, max_timestep) if shift == 1.0 else shift_source_range(sigmas, shift, min_timestep, max_timestep)
+    lo, hi = min_timestep, max_timestep
+    if shift != 1.0:
+        lo, hi = shift_source_range(sigmas, shift, min_timestep, max_timestep)
     unit = dict(sampling=sampling, logit_mean=logit_mean, logit_std=logit_std)
     if hi == lo:  # nothing representable: the draw is still made, so the generator advances the same
         sample_unit_times(batch_size, generator, **unit)
         end = max_timestep - 1 if shift > 1.0 else min_timestep
         return torch.full((batch_size,), end, dtype=torch.long, device=generator.device)
-    u = sample_unit_times(batch_size, generator, **unit, low=(lo - min_timestep) / span, high=(hi - min_timestep) / span)
+    u = sample_unit_times(batch_size, generator, **unit, low=(lo - min_timestep) / span,
+                          high=(hi - min_timestep) / span)
     timesteps = ((u * span).floor().long() + min_timestep).clamp(lo, hi - 1)
     timesteps = shift_ddpm_timesteps(timesteps, sigmas.to(timesteps.device), shift)
     return timesteps.clamp(min_timestep, max_timestep - 1)
