@@ -107,3 +107,13 @@ def test_loaded_folder_has_no_empty_weight_and_keeps_position_ids(tmp_path):
         (pos,) = [v for k, v in ids.items() if k.endswith("position_ids")]
         assert torch.equal(pos, torch.arange(77).expand(1, -1))
         assert te.config.dtype == torch.float32
+
+
+def test_dtype_none_keeps_the_stored_precision(tmp_path):
+    """load_model(dtype=None): an fp16 folder stays fp16 (no full-precision copy of the weights is made)."""
+    model = build_tiny("sd1", seed=1)
+    out = save_diffusers(model, tmp_path / "m", dtype=torch.float16)
+    loaded = load_model(ModelConfig(pretrained_model_name_or_path=str(out)), dtype=None)
+    assert {m.dtype for m in (loaded.unet, loaded.vae, *loaded.text_encoders)} == {torch.float16}
+    for k, v in model.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v.half()), k

@@ -26,8 +26,11 @@ ACCEPTED = (
 )
 
 
-def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDModel:
-    """Load `cfg.pretrained_model_name_or_path` with every weight in `dtype`, modules in eval mode, no grads."""
+def load_model(cfg: ModelConfig, *, dtype: torch.dtype | None = torch.float32) -> SDModel:
+    """Load `cfg.pretrained_model_name_or_path` with every weight in `dtype`, modules in eval mode, no grads.
+
+    dtype=None keeps each weight as stored (an fp16 file stays fp16): no full-precision copy of the model is made
+    when the caller casts the frozen weights to its own precision afterwards anyway (the training loop does)."""
     ref = cfg.pretrained_model_name_or_path.strip()
     if ref.startswith("tiny:"):
         model = load_diffusers_folder(resolve_model_ref(ref), cfg, dtype=dtype)
@@ -64,7 +67,7 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDMod
     if forced and model.family != "sd3":  # SD3 is rectified flow; its loader refuses other forced types
         set_prediction_type(model, forced)  # type: ignore[arg-type]
     for module in (model.unet, model.vae, *model.text_encoders):
-        if module.dtype != dtype:
+        if dtype is not None and module.dtype != dtype:
             module.to(dtype=dtype)
         module.eval().requires_grad_(False)
     return model
@@ -209,7 +212,7 @@ def set_prediction_type(model: SDModel, prediction: PredictionType) -> None:
     model.scheduler_config = {**model.scheduler_config, "prediction_type": prediction}
 
 
-def load_vae(path: Path, model: SDModel, dtype: torch.dtype) -> Any:
+def load_vae(path: Path, model: SDModel, dtype: torch.dtype | None) -> Any:
     """A replacement VAE: a diffusers VAE folder (config.json + weights, or a pipeline folder with vae/), or one
     .safetensors file in diffusers or original (LDM) naming, read with the model's own VAE config."""
     from diffusers import AutoencoderKL
@@ -226,7 +229,7 @@ def load_vae(path: Path, model: SDModel, dtype: torch.dtype) -> Any:
                 if any(k.startswith("encoder.down_blocks.") for k in state):  # already diffusers naming
                     vae = AutoencoderKL.from_config(model.vae.config)
                     vae.load_state_dict(state, strict=True)
-                    return vae.to(dtype)
+                    return vae if dtype is None else vae.to(dtype)
             return AutoencoderKL.from_single_file(
                 str(path), config=str(model.config_dir), subfolder="vae", torch_dtype=dtype, local_files_only=True
             )
