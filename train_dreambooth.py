@@ -14,68 +14,15 @@ checkpoint, as train_native.py; `"lora"` writes a kohya LoRA from the [network] 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 from library.cli import main_guard
-from library.config.dreambooth import DreamBoothConfig, check_dreambooth
-from library.config.fields import opt
-from library.training.method import Method
-from train_lora import LoraRunConfig, LoraTraining
-from train_native import NativeFineTune
-
-
-@dataclass
-class DreamBoothRunConfig(LoraRunConfig):
-    dreambooth: DreamBoothConfig = opt(DreamBoothConfig(), "Concepts, class images, prior preservation, mode.")
-
-    def validate(self) -> None:
-        super().validate()
-        check_dreambooth(self.dreambooth, self.data, self.train)
-
-
-CONFIG_CLASS = DreamBoothRunConfig
-
-
-def make_method(cfg: DreamBoothRunConfig) -> Method:
-    """The two training modes are the native and LoRA scripts' methods, unchanged."""
-    match cfg.dreambooth.mode:
-        case "full":
-            return NativeFineTune(cfg)
-        case "lora":
-            return LoraTraining(cfg)
-        case _:
-            raise ValueError(f"dreambooth.mode: unknown mode {cfg.dreambooth.mode!r}")
-
-
-def train_dreambooth(cfg: DreamBoothRunConfig, *, script: str = "train_dreambooth.py", progress: bool = True):
-    """Class images + dataset file, then the shared loop; returns its TrainResult."""
-    from library.training.class_images import prepare_data, run_paired
-    from library.training.run import apply_cpu_threads, run_training
-
-    apply_cpu_threads(cfg.train)  # class images are generated before the loop
-    stem = Path(cfg.save.output_dir) / cfg.save.output_name
-    data, class_data = prepare_data(cfg.dreambooth, cfg.data, cfg.model, cfg.train, stem, progress=progress)
-    cfg = replace(cfg, data=data)  # data.dataset_config now names the written dataset file
-    if class_data is None:
-        return run_training(cfg, make_method(cfg), script=script)
-    return run_paired(cfg, class_data, make_method(cfg), script=script)
+from library.methods.dreambooth import ALIASES, CONFIG_CLASS, make_method
+from library.training.run import run_script
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    from library.config.cli import parse_cli
-    from library.config.core import dump_toml
-    from library.config.run import sd_scripts_names
-
-    cfg, flags = parse_cli(CONFIG_CLASS, sys.argv[1:] if argv is None else argv, prog="train_dreambooth.py",
-                           aliases=sd_scripts_names(CONFIG_CLASS, {"prior_loss_weight": "dreambooth.prior_loss_weight",
-                                    "num_class_images": "dreambooth.num_class_images"}), description=__doc__)
-    if flags.print_config:
-        print(dump_toml(cfg), end="")
-        return 0
-    train_dreambooth(cfg, progress=cfg.log.progress_bar)
-    return 0
+    return run_script(CONFIG_CLASS, make_method, argv, prog="train_dreambooth.py", description=__doc__, aliases=ALIASES)
 
 
 if __name__ == "__main__":

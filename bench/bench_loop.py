@@ -22,7 +22,7 @@ def measure(resolution: int, steps: int, workdir: Path) -> dict:
     from library.config.core import load_config
     from library.config.run import RunConfig
     from library.training.run import run_training
-    from train_native import NativeFineTune
+    from library.methods.native import make_method
 
     def cfg(n: int, name: str) -> RunConfig:
         return load_config(RunConfig, {
@@ -37,9 +37,9 @@ def measure(resolution: int, steps: int, workdir: Path) -> dict:
         }, source="bench")
 
     warm = cfg(10, f"warm{resolution}")
-    run_training(warm, NativeFineTune(warm), script="bench")
+    run_training(warm, make_method(warm), script="bench")
     c = cfg(steps, f"run{resolution}")
-    r = run_training(c, NativeFineTune(c), script="bench")
+    r = run_training(c, make_method(c), script="bench")
     t = r.timings
     return {"resolution": resolution, "steps": r.steps, "seconds_per_step": t["compute"] / r.steps,
             "model_seconds_per_step": t["model"] / r.steps, "overhead_share": 1.0 - t["model"] / t["compute"]}

@@ -34,7 +34,7 @@ def colour_base() -> dict:
     from library.models.tiny import TINY_VERSION, resolve_model_ref
     from library.paths import cache_dir
     from library.training.run import run_training
-    from train_native import NativeFineTune
+    from library.methods.native import make_method
 
     key = hashlib.sha256(json.dumps([TINY_VERSION, BASE_RUN], sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "test-bases"
@@ -48,7 +48,7 @@ def colour_base() -> dict:
             data = json.loads(json.dumps(BASE_RUN))
             data["save"]["output_dir"] = str(build)
             cfg = load_config(RunConfig, data, source="tests/colour_base.py")
-            result = run_training(cfg, NativeFineTune(cfg), script="train_native.py")
+            result = run_training(cfg, make_method(cfg), script="train_native.py")
             os.replace(result.result_path, final)
             shutil.rmtree(build, ignore_errors=True)
     return {"pretrained_model_name_or_path": str(final), "config_dir": str(resolve_model_ref("tiny:sd15"))}

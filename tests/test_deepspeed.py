@@ -83,13 +83,35 @@ def test_optimizer_support(offload, optimizer_type, ok):
 def test_resume_states_are_refused_before_training(tmp_path):
     """save.save_state (on by default) cannot be honoured with DeepSpeed: a clear error, not a state missing later."""
     pytest.importorskip("deepspeed")
-    from library.training.loop import LoopSettings, _deepspeed_plugin
+    from library.training.loop import _deepspeed_plugin
 
     cfg = load({"deepspeed": {"zero_stage": 2}})
-    s = LoopSettings(train=cfg.train, optimizer=cfg.optimizer, scheduler=cfg.scheduler, save=cfg.save,
-                     sample=cfg.sample, log=cfg.log)
     with pytest.raises(ConfigError, match="save.save_state = false"):
-        _deepspeed_plugin(s, data=None)
+        _deepspeed_plugin(_settings(cfg))
+
+
+def _settings(cfg, batch_size: int = 1):
+    from library.methods.base import RunFacts
+    from library.training.loop import LoopSettings
+
+    facts = RunFacts("test", "sd1", "epsilon", "tiny:sd15", (64, 64), 1, 1, "ds")
+    return LoopSettings(train=cfg.train, optimizer=cfg.optimizer, scheduler=cfg.scheduler, save=cfg.save,
+                        sample=cfg.sample, log=cfg.log, facts=facts, batch_size=batch_size)
+
+
+def test_micro_batch_size_is_the_datasets_batch_size(monkeypatch):
+    """DeepSpeed is told the planned batch size (it was always 1: the loop read a TrainData attribute that does not
+    exist)."""
+    pytest.importorskip("deepspeed")
+    from library.training import deepspeed as dsp
+    from library.training.loop import _deepspeed_plugin
+
+    cfg = load({"deepspeed": {"zero_stage": 2}}, save={"save_state": False})
+    seen = {}
+    monkeypatch.setattr(dsp, "make_plugin", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr(dsp, "single_process_env", lambda: None)
+    _deepspeed_plugin(_settings(cfg, batch_size=4))
+    assert seen["config"]["train_micro_batch_size_per_gpu"] == 4
 
 
 def native_tables() -> dict:

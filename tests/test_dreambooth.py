@@ -11,8 +11,8 @@ from library.config.core import load_config
 from library.config.dreambooth import DreamBoothConfig
 from library.config.model import ModelConfig
 from library.errors import ConfigError, DataError
+from library.methods.dreambooth import DreamBoothRunConfig
 from library.training import class_images as ci
-from train_dreambooth import DreamBoothRunConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -191,24 +191,36 @@ class _Fake:
         self.epoch, self.position = sd["epoch"], sd["position"]
 
 
-def _take(data, k):
+def _paired(classes):
+    """DreamBooth's paired form over a stand-in inner method, with `classes` as its class data."""
+    from library.methods.dreambooth import DreamBooth
+    from library.methods.native import NativeFineTune
+
+    method = DreamBooth(NativeFineTune(None, None), DreamBoothConfig(), None, None, Path("x"))
+    method.classes = classes
+    return method
+
+
+def _take(method, data, k):
+    """The captions of the next `k` batches the loop's loss sees: instance batch + class batch, in order."""
     out = []
     while len(out) < k:
         for b in data:
-            out.append(b["captions"])
+            out.append(method.batch_loss(b, len(out), lambda paired: paired["captions"]))
             if len(out) == k:
                 return out
         data.set_epoch(data.epoch + 1)
     return out
 
 
-def test_paired_data_cycles_class_batches_and_resumes_exactly():
-    data = ci.PairedData(_Fake(3, "i"), _Fake(2, "c"), 1.0)
-    assert _take(data, 4) == [["i0.1", "c0.1"], ["i0.2", "c0.2"], ["i0.3", "c1.1"], ["i1.1", "c1.2"]]
-    sd = data.state_dict()
-    tail = _take(data, 3)
-    again = ci.PairedData(_Fake(3, "i"), _Fake(2, "c"), 1.0)
-    again.load_state_dict(sd)
-    assert _take(again, 3) == tail == [["i1.2", "c2.1"], ["i1.3", "c2.2"], ["i2.1", "c3.1"]]
-    with pytest.raises(ConfigError, match="paired"):
-        again.load_state_dict({"epoch": 0, "position": 0})
+def test_paired_class_batches_cycle_and_resume_exactly():
+    inst, method = _Fake(3, "i"), _paired(_Fake(2, "c"))
+    assert _take(method, inst, 4) == [["i0.1", "c0.1"], ["i0.2", "c0.2"], ["i0.3", "c1.1"], ["i1.1", "c1.2"]]
+    inst_sd, sd = inst.state_dict(), method.extra_state()
+    tail = _take(method, inst, 3)
+    inst2, again = _Fake(3, "i"), _paired(_Fake(2, "c"))
+    inst2.load_state_dict(inst_sd)
+    again.load_extra_state(sd)
+    assert _take(again, inst2, 3) == tail == [["i1.2", "c2.1"], ["i1.3", "c2.2"], ["i2.1", "c3.1"]]
+    with pytest.raises(ConfigError, match="prior_mode"):
+        again.load_extra_state(None)

@@ -7,7 +7,13 @@ import pytest
 
 from library.config.core import load_config
 from library.training import class_images as ci
-from train_dreambooth import DreamBoothRunConfig, main, train_dreambooth
+from library.methods.dreambooth import DreamBoothRunConfig, make_method
+from library.training.run import run_training
+from train_dreambooth import main
+
+
+def train_dreambooth(cfg):
+    return run_training(cfg, make_method(cfg), script="train_dreambooth.py")
 
 
 def db_cfg(tmp_path, steps: int, out: str = "out", **tables) -> DreamBoothRunConfig:
@@ -34,7 +40,7 @@ def test_full_mixed_run_reuses_class_images_and_regenerates_for_a_new_prompt(tmp
     from safetensors import safe_open
 
     cfg = db_cfg(tmp_path, 2)
-    result = train_dreambooth(cfg, progress=False)
+    result = train_dreambooth(cfg)
     assert result.steps == 2 and np.isfinite(result.losses).all()
     assert result.result_path == tmp_path / "out" / "db.safetensors"
     with safe_open(str(result.result_path), "pt") as f:
@@ -48,7 +54,7 @@ def test_full_mixed_run_reuses_class_images_and_regenerates_for_a_new_prompt(tmp
 
     # second run: the cached class images are used as they are; the base model is never loaded to sample
     monkeypatch.setattr(ci, "_sampling_model", lambda *a: pytest.fail("class images were regenerated"))
-    again = train_dreambooth(db_cfg(tmp_path, 1, out="out2"), progress=False)
+    again = train_dreambooth(db_cfg(tmp_path, 1, out="out2"))
     assert again.steps == 1 and _class_files(tmp_path) == made
     # the resolved config of the run (its dataset file is the generated one) runs again as it is
     assert load_config(DreamBoothRunConfig, tmp_path / "out2" / "db.config.toml").dreambooth.concepts
@@ -68,7 +74,7 @@ def test_lora_paired_run_writes_a_kohya_lora(tmp_path):
 
     cfg = db_cfg(tmp_path, 2, data={"enable_bucket": False},
                  dreambooth={"mode": "lora", "prior_mode": "paired", "prior_loss_weight": 0.5})
-    result = train_dreambooth(cfg, progress=False)
+    result = train_dreambooth(cfg)
     assert result.steps == 2 and np.isfinite(result.losses).all()
     with safe_open(str(result.result_path), "pt") as f:
         keys = list(f.keys())
@@ -122,7 +128,7 @@ def test_identifier_learns_the_concept_and_prior_preservation_keeps_the_class(tm
                      dreambooth={"prior_preservation": pp, "num_class_images": 15, "class_steps": 15,
                                  "class_cfg_scale": 4.0, "concepts": [
                                      {"instance_dir": "demo:blue", "identifier": "sks", "class_word": "shape"}]})
-        result = train_dreambooth(cfg, progress=False)
+        result = train_dreambooth(cfg)
         model = load_model(ModelConfig(pretrained_model_name_or_path=str(result.result_path),
                                        config_dir=str(resolve_model_ref("tiny:sd15"))))
         drift = [blueness([a]) - blueness([b]) for a, b in zip(samples(model, "shape"), base_class)]

@@ -13,7 +13,7 @@ from library.models.load import load_model
 from library.networks.hypernetwork import apply_hypernetwork, attention_widths
 from library.networks.hypernetwork_file import load_hypernetwork
 from library.training.run import run_training
-from train_hypernetwork import HypernetworkTraining
+from library.methods.hypernetwork import HypernetworkTraining, make_method
 
 
 class Kept(HypernetworkTraining):
@@ -40,7 +40,7 @@ def hn_cfg(out, steps: int, ref="tiny:sd15", **tables) -> HypernetworkRunConfig:
 
 
 def train(cfg):
-    method = Kept(cfg)
+    method = Kept(cfg.hypernetwork, cfg.optimizer, cfg.save.save_precision)
     return method, run_training(cfg, method, script="train_hypernetwork.py")
 
 

@@ -56,8 +56,6 @@ def test_estimate_of_sd2_base_runs_at_512():
 
 
 @pytest.mark.slow  # one step at 512 px: 30-70 s on 2 shared cores
-@pytest.mark.xfail(strict=True, reason="issue 21 item 4: library/training/run.py still takes FAMILIES[...].resolution "
-                                      "(the lead wires native_resolution into the training seam)")
 def test_sd2_base_trains_at_512_with_resolution_0(tmp_path):
     from safetensors import safe_open
 

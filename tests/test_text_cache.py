@@ -41,13 +41,13 @@ def test_live_captions_in_a_dataset_toml_subset_are_refused(tmp_path):
 def test_cache_only_writes_the_disk_cache_and_trains_nothing(tmp_path):
     from library.config.core import load_config
     from library.training.run import run_training
-    from train_lora import CONFIG_CLASS, LoraTraining
+    from library.methods.lora import CONFIG_CLASS, make_method
 
     cfg = load_config(CONFIG_CLASS, {
         "data": {"train_data_dir": "demo:red", "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128,
                  "num_workers": 0, "cache_latents": True, "cache_latents_to_disk": True,
                  "cache_dir": str(tmp_path / "latents")},
         "save": {"output_dir": str(tmp_path / "out")}}, source="test")
-    assert run_training(cfg, LoraTraining(cfg), script="test", cache_only=True) is None
+    assert run_training(cfg, make_method(cfg), script="test", cache_only=True) is None
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 15  # the 15 red demo images
     assert not (tmp_path / "out").exists()

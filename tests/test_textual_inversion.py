@@ -241,7 +241,7 @@ def test_add_token_initialises_from_init_word_cycled(tiny_sd15):
 
 
 def test_method_setup_from_file_in_either_layout(tiny_sd15, tmp_path):
-    from train_textual_inversion import TextualInversion
+    from library.methods.textual_inversion import make_method
 
     vec = torch.randn(2, 48)
     for layout in ("safetensors", "pt"):
@@ -249,19 +249,19 @@ def test_method_setup_from_file_in_either_layout(tiny_sd15, tmp_path):
         cfg = load_config(TextualInversionConfig, {"embedding": {
             "token_string": "<t>", "num_vectors_per_token": 2, "init_from": str(path)}}, source="test")
         model = tiny_sd15()
-        method = TextualInversion(cfg)
+        method = make_method(cfg)
         groups = method.setup(model)
         assert groups[0]["params"] == [model.text_encoders[0].get_input_embeddings().weight]
         assert torch.equal(method.trainable_state(model)["te0.rows"], vec)
         assert not any(p.requires_grad for p in model.unet.parameters())
     cfg = load_config(TextualInversionConfig, {"embedding": {"init_from": str(path)}}, source="test")
     with pytest.raises(ConfigError, match="holds 2 vectors .* set it to 2"):
-        TextualInversion(cfg).setup(tiny_sd15())
+        make_method(cfg).setup(tiny_sd15())
     wrong = ti.save_embedding(tmp_path / "w.safetensors", [torch.zeros(1, 80)], "sd2", layout="safetensors",
                               name="w", step=0)
     cfg = load_config(TextualInversionConfig, {"embedding": {"init_from": str(wrong)}}, source="test")
     with pytest.raises(ModelFileError, match="80 wide .* 48 wide"):
-        TextualInversion(cfg).setup(tiny_sd15())
+        make_method(cfg).setup(tiny_sd15())
 
 
 # ---- config ----

@@ -13,7 +13,7 @@ from library.models.load import load_model
 from library.models.tiny import resolve_model_ref
 from library.training.run import run_training
 from tests.test_textual_inversion import a1111_read
-from train_textual_inversion import TextualInversion
+from library.methods.textual_inversion import TextualInversion, make_method
 
 TOKEN = "<red-thing>"
 
@@ -59,7 +59,7 @@ def test_sd15_multivector_run_loads_in_diffusers_with_token_in_negative_prompt(t
 
     cfg = ti_cfg(tmp_path, "sd15", 4, embedding={"num_vectors_per_token": 2},
                  sample={"prompts": [f"a {TOKEN} --n {TOKEN}, blurry --s 2 --d 1"], "steps": 2})
-    method = TextualInversion(cfg)
+    method = make_method(cfg)
     result = run_training(cfg, method, script="train_textual_inversion.py")
     out = tmp_path / "out"
     assert result.steps == 4 and all(np.isfinite(result.losses))
@@ -93,7 +93,7 @@ def test_sdxl_trains_both_encoders_and_loads_in_diffusers_once_per_encoder(tmp_p
     from diffusers import StableDiffusionXLPipeline
 
     cfg = ti_cfg(tmp_path, "sdxl", 2, embedding={"format": "safetensors"})
-    method = TextualInversion(cfg)
+    method = make_method(cfg)
     result = run_training(cfg, method, script="train_textual_inversion.py")
     rows_l, rows_g = check_rows(method, "sdxl")
     data = load_file(str(result.result_path))
@@ -116,7 +116,7 @@ def test_sdxl_trains_both_encoders_and_loads_in_diffusers_once_per_encoder(tmp_p
 def test_resume_state_and_pt_output_and_init_from_result(tmp_path):
     """A .pt result, then a second run that starts from it (init_from): its first rows equal the file's vectors."""
     cfg = ti_cfg(tmp_path, "sd15", 2, embedding={"format": "pt"})
-    method = TextualInversion(cfg)
+    method = make_method(cfg)
     result = run_training(cfg, method, script="train_textual_inversion.py")
     assert result.result_path.suffix == ".pt"
     data = torch.load(result.result_path, weights_only=True)
@@ -130,7 +130,7 @@ def test_resume_state_and_pt_output_and_init_from_result(tmp_path):
 
     cfg2 = ti_cfg(tmp_path / "second", "sd15", 1, embedding={"init_from": str(result.result_path)})
     model = load_model(cfg2.model)
-    method2 = TextualInversion(cfg2)
+    method2 = make_method(cfg2)
     method2.setup(model)
     assert torch.equal(method2.guards[0].rows(), rows)
 
@@ -158,7 +158,7 @@ def test_token_learns_the_colour_of_its_concept(tmp_path):
                  embedding={"num_vectors_per_token": 2, "init_word": "blue"},
                  optimizer={"learning_rate": 5e-2, "weight_decay": 0.0},
                  save={"save_state": False})
-    result = run_training(cfg, TextualInversion(cfg), script="train_textual_inversion.py")
+    result = run_training(cfg, make_method(cfg), script="train_textual_inversion.py")
     prompts = [SamplePrompt(f"a {TOKEN} on a white background", width=64, height=64, steps=15, cfg_scale=4.0, seed=i)
                for i in range(6)]
     before, after = load_model(cfg.model), load_model(cfg.model)

@@ -7,7 +7,7 @@ import torch
 from library.config.core import load_config
 from library.models.tiny import resolve_model_ref
 from library.training.run import run_training
-from train_lora import LoraRunConfig, LoraTraining
+from library.methods.lora import LoraRunConfig, make_method
 
 
 def lora_cfg(tmp_path, model: str, steps: int, **tables) -> LoraRunConfig:
@@ -44,7 +44,7 @@ def test_lora_file_reproduces_trained_model_in_diffusers(tmp_path, ref, family, 
     from library.models.text import encode_text, tokenize
 
     cfg = lora_cfg(tmp_path, ref, 3, network=network)
-    method = LoraTraining(cfg)
+    method = make_method(cfg)
     result = run_training(cfg, method, script="train_lora.py")
     path = result.result_path
     assert path.name == "lora.safetensors" and result.steps == 3
@@ -108,7 +108,7 @@ def test_lora_on_one_colour_concept_shifts_samples(tmp_path):
 
     cfg = lora_cfg(tmp_path, "tiny:sd15", 150, data={"train_data_dir": "demo:red", "batch_size": 4},
                    network={"network_dim": 8, "network_alpha": 8.0})
-    method = LoraTraining(cfg)
+    method = make_method(cfg)
     model = run_training(cfg, method, script="train_lora.py").model
     prompts = [SamplePrompt(f"a {s} on a white background", width=64, height=64, steps=12, cfg_scale=4.0, seed=i)
                for i, s in enumerate(["circle", "square", "triangle"])]

@@ -8,7 +8,7 @@ from library.config.core import load_config
 from library.config.run import RunConfig
 from library.models.tiny import resolve_model_ref
 from library.training.run import run_training
-from train_native import NativeFineTune
+from library.methods.native import make_method
 
 
 def native_cfg(tmp_path, steps: int, **tables) -> RunConfig:
@@ -31,7 +31,7 @@ def test_native_run_writes_checkpoint_config_samples_and_loads_in_diffusers(tmp_
     from safetensors import safe_open
 
     cfg = native_cfg(tmp_path, 4, sample={"prompts": ["a red circle --s 2 --d 1"], "steps": 2})
-    result = run_training(cfg, NativeFineTune(cfg), script="train_native.py")
+    result = run_training(cfg, make_method(cfg), script="train_native.py")
     out = tmp_path / "out"
     assert result.steps == 4 and len(result.losses) == 4 and all(np.isfinite(result.losses))
     assert result.result_path == out / "native.safetensors"
@@ -75,7 +75,7 @@ def test_native_learns_colours_from_the_captions(tmp_path):
     from library.training.sample import SamplePrompt, generate
 
     cfg = native_cfg(tmp_path, 300, data={"cache_latents": True}, save={"save_state": False})
-    result = run_training(cfg, NativeFineTune(cfg), script="train_native.py")
+    result = run_training(cfg, make_method(cfg), script="train_native.py")
     first, last = np.mean(result.losses[:30]), np.mean(result.losses[-30:])
     assert last < 0.5 * first, (first, last)  # measured: 0.72 -> 0.15
 

@@ -31,17 +31,19 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Script:
     file: str
-    module: str
-    method: str  # the Method class in `module`
+    module: str  # the script's module (main)
+    methods: str  # its library.methods module (CONFIG_CLASS, make_method)
+    method: str  # the Method class in `methods`
     tables: dict = field(default_factory=dict)  # what the method needs besides BASE
 
 
 SCRIPTS = {
-    "native": Script("train_native.py", "train_native", "NativeFineTune"),
-    "lora": Script("train_lora.py", "train_lora", "LoraTraining"),
-    "ti": Script("train_textual_inversion.py", "train_textual_inversion", "TextualInversion",
-                 {"embedding": {"token_string": "<thing>", "init_word": "shape"}}),
-    "hn": Script("train_hypernetwork.py", "train_hypernetwork", "HypernetworkTraining"),
+    "native": Script("train_native.py", "train_native", "library.methods.native", "NativeFineTune"),
+    "lora": Script("train_lora.py", "train_lora", "library.methods.lora", "LoraTraining"),
+    "ti": Script("train_textual_inversion.py", "train_textual_inversion", "library.methods.textual_inversion",
+                 "TextualInversion", {"embedding": {"token_string": "<thing>", "init_word": "shape"}}),
+    "hn": Script("train_hypernetwork.py", "train_hypernetwork", "library.methods.hypernetwork",
+                 "HypernetworkTraining"),
 }
 
 # A run of a few 40 ms steps on the tiny SD1 model (library/models/tiny.py) and the demo shapes, no worker processes.
@@ -82,8 +84,22 @@ def script_module(method: str):
     return importlib.import_module(SCRIPTS[method].module)
 
 
+def methods_module(method: str):
+    return importlib.import_module(SCRIPTS[method].methods)
+
+
 def method_class(method: str) -> type:
-    return getattr(script_module(method), SCRIPTS[method].method)
+    return getattr(methods_module(method), SCRIPTS[method].method)
+
+
+def make_method(method: str, cfg, method_cls: type | None = None):
+    """The script's method for `cfg` (its module's make_method); `method_cls`: a subclass of that method's class
+    (adding no state of its own) to train with instead, e.g. a test's fault."""
+    made = methods_module(method).make_method(cfg)
+    if method_cls is not None:
+        assert issubclass(method_cls, type(made)), (method_cls, type(made))
+        made.__class__ = method_cls
+    return made
 
 
 def train_in_process(method: str, cfg_path: Path, method_cls: type | None = None, **tables: dict):
@@ -95,8 +111,8 @@ def train_in_process(method: str, cfg_path: Path, method_cls: type | None = None
     from library.training.run import run_training
 
     data = merge(tomllib.loads(cfg_path.read_text()), tables)
-    cfg = load_config(script_module(method).CONFIG_CLASS, data, source=str(cfg_path))
-    return run_training(cfg, (method_cls or method_class(method))(cfg), script=SCRIPTS[method].file)
+    cfg = load_config(methods_module(method).CONFIG_CLASS, data, source=str(cfg_path))
+    return run_training(cfg, make_method(method, cfg, method_cls), script=SCRIPTS[method].file)
 
 
 def main_in_process(method: str, cfg_path: Path, *args: str) -> int:

@@ -25,7 +25,7 @@ def main() -> int:
     from library.estimate.memory import estimate_step
     from library.estimate.report import spec_from_sections
     from library.models.configs import bundled_config_for
-    from train_lora import CONFIG_CLASS
+    from library.methods.lora import CONFIG_CLASS
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--write", default="", help="also write the rows as JSON to this file")

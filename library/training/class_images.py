@@ -292,63 +292,14 @@ def pair_batches(inst: dict, cls: dict, prior_loss_weight: float) -> dict:
     return out
 
 
-class PairedData:
-    """The instance data (which sets the epochs) with the next class batch appended to each of its batches.
-
-    The class data runs through its own epochs independently (it may hold more or fewer batches); both positions
-    are in `state_dict()`, so a resumed run continues with the same pairs.
-    """
-
-    def __init__(self, instance, classes, prior_loss_weight: float):
-        self.instance, self.classes, self.prior_loss_weight = instance, classes, prior_loss_weight
-        self.steps_per_epoch = instance.steps_per_epoch
-        self.num_images = instance.num_images + classes.num_images
-        self._class_stream = None
-
-    epoch = property(lambda self: self.instance.epoch)
-    position = property(lambda self: self.instance.position)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.instance.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def _classes_forever(self):
-        while True:
-            yield from self.classes
-            self.classes.set_epoch(self.classes.epoch + 1)
-
-    def __iter__(self):
-        if self._class_stream is None:  # created lazily: after a resume has restored the class position
-            self._class_stream = self._classes_forever()
-        for batch in self.instance:
-            yield pair_batches(batch, next(self._class_stream), self.prior_loss_weight)
-
-    def state_dict(self) -> dict:
-        return {**self.instance.state_dict(), "classes": self.classes.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if "classes" not in sd:
-            raise ConfigError("the resume state was written without dreambooth.prior_mode = 'paired'; resume it in the "
-                              "mode it was made with")
-        self.instance.load_state_dict({k: v for k, v in sd.items() if k != "classes"})
-        self.classes.load_state_dict(sd["classes"])
-        self._class_stream = None
-
-    def fixed_captions(self) -> list[str]:
-        return sorted(set(self.instance.fixed_captions()) | set(self.classes.fixed_captions()))
-
-    def tag_frequency(self) -> dict:
-        return {**self.instance.tag_frequency(), **self.classes.tag_frequency()}
-
-    def summary(self) -> dict:
-        inst, cls = self.instance.summary()["datasets"], self.classes.summary()["datasets"]
-        for d in cls:  # the class images count as regularization images in kohya's ss_datasets
-            d["num_reg_images"], d["num_train_images"] = d["num_train_images"], 0
-            for s in d["subsets"]:
-                s["is_reg"] = True
-        return {"datasets": inst + cls}
+def class_summary(classes) -> list[dict]:
+    """kohya ss_datasets entries of the paired form's class data: its images count as regularization images."""
+    datasets = classes.summary()["datasets"]
+    for d in datasets:
+        d["num_reg_images"], d["num_train_images"] = d["num_train_images"], 0
+        for s in d["subsets"]:
+            s["is_reg"] = True
+    return datasets
 
 
 # ------------------------------------------------------------------------------------------------ run set-up
@@ -362,35 +313,10 @@ def class_size(db: DreamBoothConfig, data, model_cfg) -> tuple[int, int]:
         return int(data.resolution[0]), int(data.resolution[1])
     if data.resolution:
         return int(data.resolution), int(data.resolution)
-    from library.models.families import FAMILIES
+    from library.models.peek import peek_model
 
-    side = FAMILIES[model_cfg.resolved_family() or _detect_family(model_cfg)].resolution
+    side = peek_model(model_cfg).native_resolution  # configs and headers only: no weights read
     return side, side
-
-
-def _detect_family(model_cfg) -> str:
-    """The family from config / header files only (no weights read)."""
-    ref = model_cfg.pretrained_model_name_or_path.strip()
-    if ref.startswith("tiny:"):
-        from library.models.tiny import parse_tiny_ref
-
-        return parse_tiny_ref(ref).family
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        from library.models.load import detect_family
-
-        index = path / "model_index.json"
-        return detect_family(json.loads(index.read_text()) if index.is_file() else {},
-                             json.loads((path / "unet" / "config.json").read_text()))
-    if path.suffix == ".safetensors" and path.is_file():
-        from library.models.safe_load import read_safetensors_header
-        from library.models.single_file import detect_family
-
-        family = detect_family(read_safetensors_header(path)[0])
-        if family:
-            return family
-    raise ConfigError("cannot tell the model family without loading the model: set data.resolution or "
-                      "dreambooth.class_resolution (the side of the class images)")
 
 
 def _sampling_model(model_cfg, train_cfg):
@@ -407,10 +333,13 @@ def _sampling_model(model_cfg, train_cfg):
     return model
 
 
-def prepare_data(db: DreamBoothConfig, data, model_cfg, train_cfg, dataset_stem: Path, *, progress: bool = True):
+def prepare_data(db: DreamBoothConfig, data, model_cfg, train_cfg, dataset_stem: Path, *, progress: bool = True,
+                 generate: bool = True):
     """Make sure every concept's class images exist (generating the missing ones), write the dataset file(s) and
     return `(data config for training, data config of the class images or None)`; the second is set for
-    prior_mode = 'paired' (the class images become their own data, paired with each instance batch)."""
+    prior_mode = 'paired' (the class images become their own data, paired with each instance batch).
+    `generate = False` (--dry-run) says how many class images are missing instead of making them, and writes the
+    dataset file(s) to a temporary folder."""
     from dataclasses import replace
 
     if data.dataset_config and not data.train_data_dir and not db.concepts:
@@ -425,6 +354,8 @@ def prepare_data(db: DreamBoothConfig, data, model_cfg, train_cfg, dataset_stem:
         spec = ClassSpec(c.class_prompt, db.class_negative_prompt, width, height, db.class_sampler, db.class_steps,
                          db.class_cfg_scale, db.class_seed, model_cfg.clip_skip)
         folders, job = class_folders(c, root, identity, spec) if db.prior_preservation else ([], None)
+        if not generate:  # a dry run indexes the class images that exist now (none, before the first run)
+            folders = [f for f in folders if count_images(f) > 0]
         inst, classes = concept_subsets(c, folders, caption_prefix=data.caption_prefix, as_reg=not paired)
         if paired:
             instance_sets.append([inst])
@@ -433,7 +364,14 @@ def prepare_data(db: DreamBoothConfig, data, model_cfg, train_cfg, dataset_stem:
             instance_sets.append([inst, *classes])
         if job is not None:
             jobs.append(job)
-    generate_class_images(jobs, identity, lambda: _sampling_model(model_cfg, train_cfg), progress=progress)
+    if generate:
+        generate_class_images(jobs, identity, lambda: _sampling_model(model_cfg, train_cfg), progress=progress)
+    else:
+        missing = sum(len(missing_indices(j.folder, j.count)) for j in jobs)
+        print(f"class images: {missing} to generate before training" if missing else "class images: all cached")
+        import tempfile
+
+        dataset_stem = Path(tempfile.mkdtemp(prefix="sdtk-dry-run-")) / dataset_stem.name
     base = replace(data, train_data_dir="", reg_data_dir="", prior_loss_weight=db.prior_loss_weight)
     train = replace(base, dataset_config=str(write_dataset_file(dataset_stem.with_suffix(".dataset.toml"),
                                                                 instance_sets)))
@@ -450,18 +388,3 @@ def _default_cache_root() -> Path:
     from library.paths import cache_dir
 
     return cache_dir() / "class_images"
-
-
-def run_paired(cfg, class_data, method, *, script: str):
-    """`library.training.run.run_training` with the data wrapped in `PairedData` (instance half + class half)."""
-    from library.data.loader import build_train_data
-    from library.models.families import FAMILIES
-    from library.training.run import run_training
-
-    def pair(data, model, rank: int, world: int):
-        classes = build_train_data(class_data, default_resolution=FAMILIES[model.family].resolution,
-                                   seed=cfg.train.seed + 1, rank=rank, world_size=world,
-                                   vae=model.vae if class_data.cache_latents else None, family=model.family)
-        return PairedData(data, classes, cfg.dreambooth.prior_loss_weight)
-
-    return run_training(cfg, method, script=script, wrap_data=pair)

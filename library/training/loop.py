@@ -1,9 +1,10 @@
 """The one training loop every script shares.
 
-One optimizer step:
-  method.before_step -> for each of `gradient_accumulation_steps` batches: latents (cached, or encoded by the VAE) ->
-  text conditioning (cached while the text encoders are frozen) -> objective.prepare (noise, timesteps, target) ->
-  UNet -> objective.loss (per-sample weights, masks, min-SNR, ...) -> backward
+One optimizer step (`Trainer.train_step`):
+  method.before_step -> for each of `gradient_accumulation_steps` batches (`forward_backward`): method.batch_loss,
+  by default `loss_of`: latents (cached, or encoded by the VAE) -> text conditioning (cached while the text encoders
+  are frozen) -> objective.prepare (noise, timesteps, target) -> the denoiser (library/models/forward.py) ->
+  objective.loss (per-sample weights, masks, min-SNR, ...); then backward
   -> non-finite guard -> gradient clipping -> optimizer and LR-scheduler step -> EMA -> method.after_optimizer_step
   -> log -> save (result + resume state) / sample when due.
 The noise of each batch comes from a generator seeded by (seed, global batch number), the data order and caption RNG
@@ -33,11 +34,13 @@ from library.config.optim import OptimizerConfig, SchedulerConfig
 from library.config.train import LogConfig, SampleConfig, SaveConfig, TrainConfig
 from library.errors import ConfigError, DataError, UserError
 from library.fileio import recover_interrupted_writes
+from library.methods.base import Method, RunFacts, SaveContext
+from library.models.forward import predict
 from library.models.model import SDModel
 from library.training import faults
 from library.training import state as st
+from library.training.conditioning import TextConditioner
 from library.training.ema import EMA
-from library.training.method import Method
 from library.training.saving import USUAL_FIXES, TrainingStopped, save as _save
 from library.training.setup import (ManualSteps, configure_unet, effective_precision, make_accelerator, pick_device,
                                     weight_dtype)
@@ -56,7 +59,7 @@ class TrainResult:
 
 @dataclass
 class LoopSettings:
-    """What the loop needs besides the model, method and data: the config sections it reads."""
+    """What the loop needs besides the model, method and data: its config sections and the resolved run facts."""
 
     train: TrainConfig
     optimizer: OptimizerConfig
@@ -64,10 +67,10 @@ class LoopSettings:
     save: SaveConfig
     sample: SampleConfig
     log: LogConfig
-    clip_skip: int = 1
-    resolution: int = 512
-    metadata: dict[str, str] = field(default_factory=dict)  # written into every saved result
-    fixed_captions: list[str] | None = None  # data.cache_text_encoder_outputs: encode these once, offload encoders
+    facts: RunFacts
+    batch_size: int = 1  # micro-batch size (the first dataset's): DeepSpeed's train_micro_batch_size_per_gpu
+    prompts: tuple = ()  # parsed sample prompts
+    cache_text: bool = False  # data.cache_text_encoder_outputs: encode every caption once, offload the encoders
 
 
 def batch_seed(seed: int, number: int) -> int:
@@ -82,232 +85,273 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 def train(model: SDModel, method: Method, data: Any, objective: Any, s: LoopSettings) -> TrainResult:
-    from library.models.text import encode_text, sdxl_time_ids, tokenize
-    from library.training.optim import build_optimizer, build_scheduler
+    """Set up, resume if asked, run every step; see `Trainer` for the phases."""
+    trainer = Trainer(model, method, data, objective, s)
+    trainer.setup()
+    trainer.resume()
+    return trainer.run()
 
-    cfg = s.train
-    ds = cfg.deepspeed
-    device = pick_device(cfg)
-    precision = effective_precision(cfg, device)
-    plugin = _deepspeed_plugin(s, data) if ds.enabled else None
-    accelerator = make_accelerator(cfg, device, precision, plugin)
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(s.save.output_dir)
 
-    groups = method.setup(model)
-    trained = [p for g in groups for p in g["params"]]
-    _place(model, device, weight_dtype(precision), trained, full_bf16=cfg.full_bf16)
-    configure_unet(model.unet, cfg, device)
-    steps_total = total_steps(cfg, data.steps_per_epoch)
-    modules = method.modules_to_prepare(model)
-    if ds.enabled:
-        from library.training import deepspeed as dsp
+class Trainer:
+    """The one training loop, in named phases: `setup`, `resume`, `run` -> `train_step` (`forward_backward` of each
+    micro-batch, `optimizer_step`) -> `after_step` (log, and the save / sample triggers) -> `finish`."""
 
-        if len(modules) != 1:
-            raise ConfigError(f"train.deepspeed: the {method.name} method trains {len(modules)} modules, and DeepSpeed "
-                              "wraps one; set train.deepspeed.zero_stage = 0")
-        optimizer = dsp.build_optimizer(groups, ds, s.optimizer)
-        # The schedule acts on the real optimizer's groups (DeepSpeed's ZeRO optimizer steps those), and is stepped
-        # by this loop, not by accelerate, so it counts optimizer steps exactly as without DeepSpeed.
-        lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
-        engine, optimizer = accelerator.prepare(modules[0], optimizer)  # DeepSpeed needs both in one call
-        wrapped = [engine]
-        steps = dsp.EngineSteps(accelerator, engine, cfg.gradient_accumulation_steps, ds.zero_stage)
-    else:
-        optimizer = build_optimizer(groups, s.optimizer)
-        lr_scheduler = build_scheduler(optimizer, s.scheduler, steps_total)
-        if accelerator.num_processes > 1 and model.unet in modules:
-            # Only the UNet is wrapped in DDP: the text encoders are called through library.models.text, which
-            # needs the bare modules, so their trained gradients are averaged by hand (_average_gradients).
-            wrapped = [accelerator.prepare(m) if m is model.unet else m for m in modules]
+    def __init__(self, model: SDModel, method: Method, data: Any, objective: Any, s: LoopSettings):
+        self.model, self.method, self.data, self.objective, self.s = model, method, data, objective, s
+        self.save = s.save  # what library.training.saving reads
+        self.out_dir = Path(s.save.output_dir)
+        self.counters = st.Counters()
+        self.losses: list[float] = []
+        self.timings = {"compute": 0.0, "model": 0.0, "save": 0.0, "sample": 0.0}
+        self.consecutive_nan = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        cfg, model = self.s.train, self.model
+        self.device = pick_device(cfg)
+        self.precision = effective_precision(cfg, self.device)
+        plugin = _deepspeed_plugin(self.s) if cfg.deepspeed.enabled else None
+        self.accelerator = make_accelerator(cfg, self.device, self.precision, plugin)
+        torch.manual_seed(cfg.seed)
+        groups = self.method.setup(model)
+        self.trained = [p for g in groups for p in g["params"]]
+        _place(model, self.device, weight_dtype(self.precision), self.trained, full_bf16=cfg.full_bf16)
+        configure_unet(model.unet, cfg, self.device)
+        self.steps_total = total_steps(cfg, self.data.steps_per_epoch)
+        self.modules = self.method.modules_to_prepare(model)
+        self._prepare(groups)
+        unet_ids = {id(p) for p in model.unet.parameters()} if self.denoiser is not model.unet else set()
+        self.unwrapped_trained = [p for p in self.trained if id(p) not in unet_ids]  # not all-reduced by DDP
+        self.ema = EMA(self.trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) \
+            if cfg.ema else None
+        self.autocast = self.accelerator.autocast if self.precision != "no" else nullcontext
+        self.text = TextConditioner(model, self.device, self.s.facts.clip_skip, self.autocast)
+
+    def _prepare(self, groups: list[dict]) -> None:
+        """Optimizer, schedule and the strategy that runs accumulation / clipping / steps (ManualSteps or, with
+        `[train.deepspeed]`, the DeepSpeed engine's EngineSteps)."""
+        from library.training.optim import build_optimizer, build_scheduler
+
+        cfg, model, modules = self.s.train, self.model, self.modules
+        if cfg.deepspeed.enabled:
+            from library.training import deepspeed as dsp
+
+            if len(modules) != 1:
+                raise ConfigError(f"train.deepspeed: the {self.method.name} method trains {len(modules)} modules, and "
+                                  "DeepSpeed wraps one; set train.deepspeed.zero_stage = 0")
+            self.optimizer = dsp.build_optimizer(groups, cfg.deepspeed, self.s.optimizer)
+            # The schedule acts on the real optimizer's groups (DeepSpeed's ZeRO optimizer steps those), and is
+            # stepped by this loop, not by accelerate, so it counts optimizer steps exactly as without DeepSpeed.
+            self.lr_scheduler = build_scheduler(self.optimizer, self.s.scheduler, self.steps_total)
+            engine, self.optimizer = self.accelerator.prepare(modules[0], self.optimizer)  # one call, both
+            wrapped = [engine]
+            self.steps = dsp.EngineSteps(self.accelerator, engine, cfg.gradient_accumulation_steps,
+                                         cfg.deepspeed.zero_stage)
         else:
-            wrapped = modules  # no DDP wrapper; autocast is applied explicitly below
-        optimizer = accelerator.prepare(optimizer)
-    unet_call = wrapped[[m is model.unet for m in modules].index(True)] if model.unet in modules else model.unet
-    if not ds.enabled:
-        steps = ManualSteps(accelerator, optimizer, unet_call, trained, cfg.gradient_accumulation_steps,
-                            s.optimizer.max_grad_norm)
-    unet_ids = {id(p) for p in model.unet.parameters()} if unet_call is not model.unet else set()
-    unwrapped_trained = [p for p in trained if id(p) not in unet_ids]  # not all-reduced by DDP
-    ema = EMA(trained, cfg.ema_decay, torch.device("cpu") if cfg.ema_on_cpu else None) if cfg.ema else None
+            self.optimizer = build_optimizer(groups, self.s.optimizer)
+            self.lr_scheduler = build_scheduler(self.optimizer, self.s.scheduler, self.steps_total)
+            if self.accelerator.num_processes > 1 and model.unet in modules:
+                # Only the UNet is wrapped in DDP: the text encoders are called through library.models.text, which
+                # needs the bare modules, so their trained gradients are averaged by hand (_average_gradients).
+                wrapped = [self.accelerator.prepare(m) if m is model.unet else m for m in modules]
+            else:
+                wrapped = modules  # no DDP wrapper; autocast is applied explicitly
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.denoiser = wrapped[[m is model.unet for m in modules].index(True)] if model.unet in modules \
+            else model.unet
+        if not cfg.deepspeed.enabled:
+            self.steps = ManualSteps(self.accelerator, self.optimizer, self.denoiser, self.trained,
+                                     cfg.gradient_accumulation_steps, self.s.optimizer.max_grad_norm)
 
-    if accelerator.is_main_process:
-        for p in recover_interrupted_writes(out_dir):  # what a killed run left half-written
-            _say(accelerator, f"cleaned up after an interrupted write: {p}")
-    counters = st.Counters()
-    resume_dir = st.find_resume_dir(cfg.resume, out_dir)
-    if resume_dir is not None:
-        counters, trainable, saved = st.load_state(resume_dir)
-        method.load_trainable_state(model, trainable)
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_scheduler.load_state_dict(saved["scheduler"])
-        data.load_state_dict(saved["data"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.load_state_dict(saved["ema"])
+    def resume(self) -> None:
+        """Clean up after a killed write; with train.resume, continue exactly where the state was saved."""
+        if self.accelerator.is_main_process:
+            for p in recover_interrupted_writes(self.out_dir):  # what a killed run left half-written
+                _say(self.accelerator, f"cleaned up after an interrupted write: {p}")
+        resume_dir = st.find_resume_dir(self.s.train.resume, self.out_dir)
+        if resume_dir is None:
+            return
+        self.counters, trainable, saved = st.load_state(resume_dir)
+        st.check_made_with(saved.get("made_with"), self.made_with(), resume_dir)
+        self.method.load_trainable_state(self.model, trainable)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["scheduler"])
+        self.data.load_state_dict(saved["data"])
+        self.method.load_extra_state(saved.get("method"))
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.load_state_dict(saved["ema"])
         st.set_rng_state(saved["rng"])
-        _say(accelerator, f"resumed from {resume_dir} at step {counters.step}")
+        _say(self.accelerator, f"resumed from {resume_dir} at step {self.counters.step}")
 
-    prompts = _sample_prompts(s)
-    writer = _writer(s, out_dir) if accelerator.is_main_process else None
-    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    autocast = accelerator.autocast if precision != "no" else nullcontext
-    losses: list[float] = []
-    timings = {"compute": 0.0, "model": 0.0, "save": 0.0, "sample": 0.0}
-    consecutive_nan = 0
-    result_path: Path | None = None
-    batches = _batch_stream(data)
-    bar = _progress(s, accelerator, counters.step, steps_total)
-    wall0 = time.perf_counter()
+    def made_with(self) -> dict:
+        """What a resume state must have been made with to continue this run exactly (checked on resume)."""
+        o = self.s.optimizer
+        return {"optimizer.optimizer_type": o.optimizer_type, "optimizer.learning_rate": o.learning_rate,
+                "optimizer.unet_lr": o.unet_lr, "optimizer.text_encoder_lr": o.text_encoder_lr,
+                "trained": {k: list(v.shape) for k, v in self.method.trainable_state(self.model).items()}}
 
-    def encode(captions: list[str]):
-        return encode_text(model, [t.to(device) for t in tokenize(model, captions)], clip_skip=s.clip_skip)
+    # ------------------------------------------------------------------ the steps
 
-    def text_cond(captions: list[str], step: int):
-        if method.trains_text_encoder(step):
-            with autocast():
-                c = encode(captions)
-            return c.hidden, c.pooled
-        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
-        if len(text_cache) + len(missing) > 50_000:  # bounded: shuffled / dropped captions rarely repeat
-            with torch.no_grad(), autocast():
-                c = encode(captions)
-            return c.hidden, c.pooled
-        if missing:
-            with torch.no_grad(), autocast():
-                c = encode(missing)
-            for i, cap in enumerate(missing):
-                text_cache[cap] = (c.hidden[i], None if c.pooled is None else c.pooled[i])
-        hidden = torch.stack([text_cache[c][0] for c in captions])
-        pooled = None if text_cache[captions[0]][1] is None else torch.stack([text_cache[c][1] for c in captions])
-        return hidden, pooled
+    def run(self) -> TrainResult:
+        result_path = None
+        if self.s.cache_text:
+            self.text.cache_all(sorted(set(self.data.fixed_captions()) | set(self.method.fixed_captions())))
+        for m in self.modules:
+            m.train()
+        self.batches = _batch_stream(self.data)
+        self.bar = _progress(self.s, self.accelerator, self.counters.step, self.steps_total)
+        self.writer = _writer(self.s, self.out_dir) if self.accelerator.is_main_process else None
+        wall0 = time.perf_counter()
+        try:
+            while self.counters.step < self.steps_total:
+                epoch_end = self.train_step()
+                if epoch_end is not None:
+                    self.after_step(epoch_end)
+            result_path = self.finish()
+        except RuntimeError as e:
+            raise _worker_error(e, self.out_dir) from None
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        self.timings["wall"] = time.perf_counter() - wall0
+        self.accelerator.end_training()
+        return TrainResult(self.counters.step, self.losses, result_path, self.counters.nan_steps, self.timings,
+                           self.model)
 
-    def micro_step(batch: dict, step: int, micro: int) -> tuple[torch.Tensor, bool]:
-        number = (step * cfg.gradient_accumulation_steps + micro) * accelerator.num_processes + accelerator.process_index
-        noise_gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, number))
-        latents = batch["latents"].to(device) if "latents" in batch else _encode(model, batch["pixels"].to(device),
-                                                                                   noise_gen)
-        hidden, pooled = text_cond(method.prepare_captions(batch["captions"], number), step)
-        prepared = objective.prepare(latents.float(), noise_gen)
-        added = None
-        if model.family == "sdxl":
-            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(device, hidden.dtype)}
-        masks = batch.get("masks")
+    def train_step(self) -> bool | None:
+        """One optimizer step over `gradient_accumulation_steps` batches. Returns whether the last batch ended its
+        epoch, or None when the step was dropped (non-finite loss or gradients)."""
+        t0 = time.perf_counter()
+        step, accumulation = self.counters.step, self.s.train.gradient_accumulation_steps
+        self.method.before_step(self.model, step)
+        step_losses, all_finite, epoch_end = [], True, False
+        for micro in range(accumulation):
+            self.counters.epoch, batch, epoch_end = _next_batch(self.batches)
+            loss, finite = self.forward_backward(batch, step, micro)
+            step_losses.append(float(loss))
+            all_finite &= finite
+        faults.kill_point("step", step + 1)
+        if not self.optimizer_step(all_finite):
+            return None
+        self.timings["compute"] += time.perf_counter() - t0
+        self.step_loss = sum(step_losses) / len(step_losses)
+        self.losses.append(self.step_loss)
+        return epoch_end
+
+    def batch_number(self, step: int, micro: int) -> int:
+        """Global batch number: across steps, accumulation and ranks (seeds the noise and caption randomness)."""
+        acc = self.accelerator
+        return (step * self.s.train.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
+
+    def forward_backward(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, bool]:
+        """Loss of one batch (the method's `batch_loss`, by default `loss_of`) and its backward pass."""
+        number = self.batch_number(step, micro)
+        noise_gen = torch.Generator(device=self.device).manual_seed(batch_seed(self.s.train.seed, number))
         t = time.perf_counter()
-        with steps.micro(micro):
-            with autocast():
-                pred = unet_call(prepared.noisy_latents, prepared.timesteps, encoder_hidden_states=hidden,
-                                 added_cond_kwargs=added, return_dict=False)[0]
-            loss, _ = objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
-                                     weights=batch["loss_weights"].to(device))
+        with self.steps.micro(micro):
+            loss = self.method.batch_loss(batch, number, lambda b: self.loss_of(b, step, number, noise_gen))
+            data = self.data
             if faults.nan_batch(data.epoch * data.steps_per_epoch + data.position):
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
-            steps.backward(loss, finite)
-        timings["model"] += time.perf_counter() - t
+            self.steps.backward(loss, finite)
+        self.timings["model"] += time.perf_counter() - t
         return loss.detach(), finite
 
-    if s.fixed_captions:
-        _cache_all_captions(s.fixed_captions, method, model, text_cond, device)
-    for m in modules:
-        m.train()
-    try:
-        while counters.step < steps_total:
-            t0 = time.perf_counter()
-            method.before_step(model, counters.step)
-            step_losses, all_finite, epoch_end = [], True, False
-            for micro in range(cfg.gradient_accumulation_steps):
-                counters.epoch, batch, epoch_end = _next_batch(batches)
-                loss, finite = micro_step(batch, counters.step, micro)
-                step_losses.append(float(loss))
-                all_finite &= finite
-            faults.kill_point("step", counters.step + 1)
-            t = time.perf_counter()
-            if accelerator.num_processes > 1 and not ds.enabled:
-                _average_gradients(unwrapped_trained)
-            stepped = steps.step(all_finite)  # ManualSteps: clip + step; EngineSteps: DeepSpeed already stepped
-            timings["model"] += time.perf_counter() - t
-            if not stepped:
-                counters.nan_steps += 1
-                consecutive_nan += 1
-                what = "loss" if not all_finite else "gradients"
-                _say(accelerator, f"step {counters.step + 1}: non-finite {what}, step skipped "
-                                  f"({consecutive_nan} in a row, {counters.nan_steps} in total)")
-                if consecutive_nan >= cfg.max_consecutive_nan_steps:
-                    what = f"{consecutive_nan} non-finite steps in a row at step {counters.step + 1}; stopped"
-                    saved = "nothing is saved (no resume states with DeepSpeed)"
-                    if steps.resumable:
-                        try:
-                            _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
-                                  with_result=False)
-                        except TrainingStopped as e:  # the weights themselves are no longer finite
-                            raise TrainingStopped(f"{what}: {e}") from None
-                        saved = (f"the last good state is saved under {st.state_root(out_dir)} "
-                                 "(resume with train.resume = 'auto')")
-                    raise TrainingStopped(f"{what}, and {saved}. {USUAL_FIXES}")
-                continue
-            consecutive_nan = 0
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step()
-            extra_logs = method.after_optimizer_step(model, counters.step)
-            counters.step += 1
-            timings["compute"] += time.perf_counter() - t0
-            mean_loss = sum(step_losses) / len(step_losses)
-            losses.append(mean_loss)
-            _log(writer, bar, s, counters.step, mean_loss, lr_scheduler.get_last_lr(), extra_logs)
+    def loss_of(self, batch: dict, step: int, number: int, noise_gen: torch.Generator) -> torch.Tensor:
+        """Latents (cached or encoded) -> text conditioning -> noise and target -> denoiser -> weighted loss."""
+        model, device = self.model, self.device
+        latents = batch["latents"].to(device) if "latents" in batch else _encode(model, batch["pixels"].to(device),
+                                                                                   noise_gen)
+        captions = self.method.prepare_captions(batch["captions"], number)
+        cond = self.text.cond(captions, live=self.method.trains_text_encoder(step))
+        prepared = self.objective.prepare(latents.float(), noise_gen)
+        masks = batch.get("masks")
+        with self.autocast():
+            pred = predict(model, self.denoiser, prepared.noisy_latents, prepared.timesteps, cond, batch)
+        loss, _ = self.objective.loss(pred.float(), prepared, masks=None if masks is None else masks.to(device),
+                                      weights=batch["loss_weights"].to(device))
+        return loss
 
-            done = counters.step >= steps_total
-            if not done and _due(counters.step, s.save.save_every_n_steps, epoch_end, counters.epoch,
-                                 s.save.save_every_n_epochs):
-                t = time.perf_counter()
-                _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
-                      with_result=True)
-                timings["save"] += time.perf_counter() - t
-            if prompts and not done and _due(counters.step, s.sample.sample_every_n_steps, epoch_end,
-                                             counters.epoch, s.sample.sample_every_n_epochs):
-                t = time.perf_counter()
-                _sample(model, modules, prompts, s, out_dir, counters.step, accelerator, steps)
-                timings["sample"] += time.perf_counter() - t
+    def optimizer_step(self, all_finite: bool) -> bool:
+        """Average, clip, step, schedule, EMA; a non-finite step is dropped (and too many in a row stop the run)."""
         t = time.perf_counter()
-        result_path = _save(s, method, model, data, optimizer, lr_scheduler, ema, counters, accelerator, steps,
-                            with_result=True, final=True)
-        timings["save"] += time.perf_counter() - t
-        if prompts and s.sample.sample_at_end:
-            t = time.perf_counter()
-            _sample(model, modules, prompts, s, out_dir, counters.step, accelerator, steps, final=True)
-            timings["sample"] += time.perf_counter() - t
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
-            raise
-        # torch raises this from its SIGCHLD handler (wherever the main process is, a save included: atomic writes
-        # keep the files whole) or when the next batch never comes.
-        raise DataError(f"a data loader worker process died ({str(e).splitlines()[0]}). A killed worker is most "
-                        "often out of memory: lower data.num_workers or data.batch_size, or set data.num_workers = 0 "
-                        "to see any error in the main process. The last complete resume state under "
-                        f"{st.state_root(out_dir)} is intact (resume with train.resume = 'auto')") from None
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-    timings["wall"] = time.perf_counter() - wall0
-    accelerator.end_training()
-    return TrainResult(counters.step, losses, result_path, counters.nan_steps, timings, model)
+        if self.accelerator.num_processes > 1 and not self.s.train.deepspeed.enabled:
+            _average_gradients(self.unwrapped_trained)
+        stepped = self.steps.step(all_finite)  # ManualSteps: clip + step; EngineSteps: DeepSpeed already stepped
+        self.timings["model"] += time.perf_counter() - t
+        if not stepped:
+            self._dropped_step("loss" if not all_finite else "gradients")
+            return False
+        self.consecutive_nan = 0
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step()
+        self.extra_logs = self.method.after_optimizer_step(self.model, self.counters.step)
+        self.counters.step += 1
+        return True
 
+    def _dropped_step(self, what: str) -> None:
+        c = self.counters
+        c.nan_steps += 1
+        self.consecutive_nan += 1
+        _say(self.accelerator, f"step {c.step + 1}: non-finite {what}, step skipped "
+                               f"({self.consecutive_nan} in a row, {c.nan_steps} in total)")
+        if self.consecutive_nan < self.s.train.max_consecutive_nan_steps:
+            return
+        stopped = f"{self.consecutive_nan} non-finite steps in a row at step {c.step + 1}; stopped"
+        saved = "nothing is saved (no resume states with DeepSpeed)"
+        if self.steps.resumable:
+            try:
+                self.save_now(with_result=False)
+            except TrainingStopped as e:  # the weights themselves are no longer finite
+                raise TrainingStopped(f"{stopped}: {e}") from None
+            saved = (f"the last good state is saved under {st.state_root(self.out_dir)} "
+                     "(resume with train.resume = 'auto')")
+        raise TrainingStopped(f"{stopped}, and {saved}. {USUAL_FIXES}")
 
-def _cache_all_captions(captions: list[str], method: Method, model: SDModel, text_cond, device) -> None:
-    """Encode every caption now; the text encoders then leave the GPU (they come back only to sample)."""
-    from library.errors import ConfigError
+    # ------------------------------------------------------------------ triggers
 
-    if method.trains_text_encoder(0):
-        raise ConfigError("data.cache_text_encoder_outputs = true, but this run trains the text encoder(s): "
-                          "turn the caching off, or stop training the text encoder(s)")
-    for i in range(0, len(captions), 64):
-        text_cond(captions[i:i + 64], 0)
-    if device.type != "cpu":
-        for enc in model.text_encoders:
-            enc.to("cpu")
+    def after_step(self, epoch_end: bool) -> None:
+        """Log the step; save and sample when due (the final save and sample belong to `finish`)."""
+        s, c = self.s, self.counters
+        _log(self.writer, self.bar, s, c.step, self.step_loss, self.lr_scheduler.get_last_lr(), self.extra_logs)
+        if c.step >= self.steps_total:
+            return
+        if _due(c.step, s.save.save_every_n_steps, epoch_end, c.epoch, s.save.save_every_n_epochs):
+            self.timed("save", self.save_now, with_result=True)
+        if s.prompts and _due(c.step, s.sample.sample_every_n_steps, epoch_end, c.epoch,
+                              s.sample.sample_every_n_epochs):
+            self.timed("sample", self.sample_now)
+
+    def finish(self) -> Path | None:
+        path = self.timed("save", self.save_now, with_result=True, final=True)
+        if self.s.prompts and self.s.sample.sample_at_end:
+            self.timed("sample", self.sample_now, final=True)
+        return path
+
+    def timed(self, what: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[what] += time.perf_counter() - t
+
+    def save_now(self, *, with_result: bool, final: bool = False) -> Path | None:
+        return _save(self, self.method, self.model, self.data, self.optimizer, self.lr_scheduler, self.ema,
+                     self.counters, self.accelerator, self.steps, with_result=with_result, final=final)
+
+    def save_context(self, counters: st.Counters) -> SaveContext:
+        """What a saved result is told about the run (library.training.saving calls it)."""
+        return SaveContext(counters.step, counters.epoch, self.s.facts, self.method.data)
+
+    def sample_now(self, final: bool = False) -> None:
+        with self.steps.full_weights():  # entered on every rank (ZeRO-3 gathers collectively); the main one samples
+            _sample_main(self.model, self.modules, self.s, self.out_dir, self.counters.step, self.accelerator,
+                         final)
 
 
 def _average_gradients(params: list) -> None:
@@ -382,22 +426,7 @@ def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs:
         epoch_end and every_epochs > 0 and (epoch + 1) % every_epochs == 0)
 
 
-def _sample_prompts(s: LoopSettings):
-    from library.training.sample import SamplePrompt, read_prompts
-
-    side = s.resolution
-    defaults = SamplePrompt(prompt="", width=s.sample.width or side, height=s.sample.height or side,
-                            seed=s.sample.seed, steps=s.sample.steps, cfg_scale=s.sample.cfg_scale)
-    return read_prompts(s.sample.prompts, s.sample.prompts_file, defaults)
-
-
-def _sample(model, modules, prompts, s: LoopSettings, out_dir: Path, step: int, accelerator, steps,
-            final: bool = False) -> None:
-    with steps.full_weights():  # entered on every rank (ZeRO-3 gathers collectively); only the main one samples
-        _sample_main(model, modules, prompts, s, out_dir, step, accelerator, final)
-
-
-def _sample_main(model, modules, prompts, s: LoopSettings, out_dir: Path, step: int, accelerator, final) -> None:
+def _sample_main(model, modules, s: LoopSettings, out_dir: Path, step: int, accelerator, final) -> None:
     from library.training.sample import generate, save_images
 
     if not accelerator.is_main_process:
@@ -408,18 +437,30 @@ def _sample_main(model, modules, prompts, s: LoopSettings, out_dir: Path, step: 
     for enc in model.text_encoders:
         enc.to(device)  # back from the CPU if text outputs were cached
     try:
-        images = generate(model, prompts, sampler=s.sample.sampler, base_seed=s.train.seed, clip_skip=s.clip_skip)
+        images = generate(model, list(s.prompts), sampler=s.sample.sampler, base_seed=s.train.seed,
+                          clip_skip=s.facts.clip_skip)
         faults.kill_point("sample", step)
-        save_images(images, prompts, out_dir / "sample", f"{'final_' if final else ''}step{step:08d}")
+        save_images(images, list(s.prompts), out_dir / "sample", f"{'final_' if final else ''}step{step:08d}")
     finally:
         for m in modules:
             m.train()
-        if s.fixed_captions and device.type != "cpu":
+        if s.cache_text and device.type != "cpu":
             for enc in model.text_encoders:
                 enc.to("cpu")
 
 
-def _deepspeed_plugin(s: LoopSettings, data: Any):
+def _worker_error(e: RuntimeError, out_dir: Path) -> Exception:
+    """torch raises "DataLoader worker ..." from its SIGCHLD handler (wherever the main process is, a save included:
+    atomic writes keep the files whole) or when the next batch never comes; anything else is re-raised as it is."""
+    if "DataLoader worker" not in str(e):
+        return e
+    return DataError(f"a data loader worker process died ({str(e).splitlines()[0]}). A killed worker is most often "
+                     "out of memory: lower data.num_workers or data.batch_size, or set data.num_workers = 0 to see "
+                     f"any error in the main process. The last complete resume state under {st.state_root(out_dir)} "
+                     "is intact (resume with train.resume = 'auto')")
+
+
+def _deepspeed_plugin(s: LoopSettings):
     """accelerate's DeepSpeedPlugin from our tables (library/training/deepspeed.py); refuses what it cannot run."""
     from library.training import deepspeed as dsp
 
@@ -431,7 +472,7 @@ def _deepspeed_plugin(s: LoopSettings, data: Any):
                           "false (results are still saved)")
     dsp.single_process_env()
     config = dsp.deepspeed_config(s.train.deepspeed, gradient_accumulation_steps=s.train.gradient_accumulation_steps,
-                                  micro_batch_size=getattr(data, "batch_size", None) or 1,
+                                  micro_batch_size=s.batch_size,
                                   max_grad_norm=s.optimizer.max_grad_norm)
     return dsp.make_plugin(config)
 

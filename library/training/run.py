@@ -1,7 +1,8 @@
-"""What every training script does around its method: parse, load, build data, train, report.
+"""What every training script does around its method: parse, plan, load, build data, train, report.
 
-A script is: its root config class + a `Method` + `run_script(...)`. Keeping this here means five scripts share one
-tested path from the command line to the saved result.
+A script is: its root config class + `make_method(cfg)` (library/methods/<method>.py) + `run_script(...)`. Keeping
+this here means every script, DreamBooth included, shares one tested path from the command line to the saved result,
+with the same `--print-config`, `--dry-run` and `--cache-only`.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 from library.config.cli import parse_cli
-from library.config.core import config_hash, dump_toml, save_resolved_config
+from library.config.core import dump_toml, save_resolved_config
 from library.config.run import RunConfig, sd_scripts_names
 
 EXTRA_FLAGS = {
@@ -46,59 +47,54 @@ def apply_cpu_threads(train_cfg) -> None:
         torch.set_num_threads(train_cfg.cpu_threads)
 
 
-def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = False, wrap_data: Callable | None = None):
-    """Load the model and data named by `cfg`, train with `method`, save; returns the loop's TrainResult.
-
-    wrap_data(data, model, rank, world_size) -> data: replaces the built data (DreamBooth's paired batches).
-    """
+def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = False):
+    """Plan the run (every check, no weights read), load the model and data, train with `method`, save; returns the
+    loop's TrainResult (None with `cache_only`)."""
     import torch
 
-    from library.config.diffusion import check_prediction_compat
     from library.data.loader import build_train_data
     from library.diffusion.objective import Objective
-    from library.models.families import FAMILIES
+    from library.methods.base import DataFacts
     from library.models.load import load_model
+    from library.models.peek import needs_weights, peek_loaded
     from library.training.loop import LoopSettings, train
+    from library.training.plan import make_plan
 
     t0 = time.perf_counter()
-    apply_cpu_threads(cfg.train)
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model)
-    check_prediction_compat(cfg.noise, model.prediction_type, cfg.loss)
-    native = FAMILIES[model.family].resolution
+    apply_cpu_threads(cfg.train)  # before DreamBooth generates class images in make_plan
+    if needs_weights(cfg.model):  # a pickle checkpoint without model.family: only loading it tells what it is
+        torch.manual_seed(cfg.train.seed)
+        model = load_model(cfg.model)
+        plan = make_plan(cfg, method, script=script, peek=peek_loaded(model))
+    else:
+        plan = make_plan(cfg, method, script=script)
+        torch.manual_seed(cfg.train.seed)
+        model = load_model(cfg.model)
+    plan = plan.confirm(model, cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cache_only:  # an on-disk cache for later runs; ConfigError unless data.cache_latents(_to_disk) are on
         from library.data.loader import build_latent_cache
 
-        count = build_latent_cache(cfg.data, model.vae, default_resolution=native)
+        count = build_latent_cache(plan.data, model.vae, default_resolution=plan.native_resolution)
         print(f"latent cache ready for {count} images", file=sys.stderr)
         return None
-    data = build_train_data(cfg.data, default_resolution=native, seed=cfg.train.seed, rank=rank, world_size=world,
-                            vae=model.vae if cfg.data.cache_latents else None, family=model.family)
-    if wrap_data is not None:
-        data = wrap_data(data, model, rank, world)
-    resolution = _side(cfg.data.resolution) or native
+
+    def build(data_cfg, seed: int):
+        return build_train_data(data_cfg, default_resolution=plan.native_resolution, seed=seed, rank=rank,
+                                world_size=world, vae=model.vae if data_cfg.cache_latents else None,
+                                family=model.family)
+
+    data = build(plan.data, cfg.train.seed)
     objective = Objective(cfg.noise, cfg.loss, model.prediction_type, scheduler_config=model.scheduler_config,
-                          native_resolution=native)
-    out_dir = Path(cfg.save.output_dir)
+                          native_resolution=plan.native_resolution)
     if rank == 0:
-        save_resolved_config(cfg, out_dir, cfg.save.output_name)
-    metadata = {
-        "sdtk_script": script,
-        "sdtk_config_hash": config_hash(cfg),
-        "sdtk_config": dump_toml(cfg, comments=False),
-        "sdtk_base_model": cfg.model.pretrained_model_name_or_path,
-        "sdtk_family": model.family,
-        "sdtk_prediction_type": model.prediction_type,
-    }
+        save_resolved_config(replace(cfg, data=plan.data), cfg.save.output_dir, cfg.save.output_name)
     summary = data.summary()
-    method.bind_data({"tag_frequency": data.tag_frequency(), "datasets": summary["datasets"],
-                      "num_train_images": sum(d["num_train_images"] for d in summary["datasets"]),
-                      "resolution": resolution})
+    method.bind(plan.facts, DataFacts(sum(d["num_train_images"] for d in summary["datasets"]), data.tag_frequency(),
+                                      summary["datasets"]), build)
     settings = LoopSettings(train=cfg.train, optimizer=cfg.optimizer, scheduler=cfg.scheduler, save=cfg.save,
-                            sample=cfg.sample, log=cfg.log, clip_skip=cfg.model.clip_skip, resolution=resolution,
-                            metadata=metadata,
-                            fixed_captions=data.fixed_captions() if cfg.data.cache_text_encoder_outputs else None)
+                            sample=cfg.sample, log=cfg.log, facts=plan.facts, batch_size=plan.batch_size,
+                            prompts=plan.prompts, cache_text=plan.cache_text)
     setup_s = time.perf_counter() - t0
     result = train(model, method, data, objective, settings)
     if rank == 0:
@@ -108,9 +104,3 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
               f"set-up {setup_s:.1f} s, training {result.timings['wall']:.1f} s; saved {result.result_path}",
               file=sys.stderr)
     return result
-
-
-def _side(resolution) -> int:
-    if isinstance(resolution, list):
-        return max(resolution)
-    return int(resolution)

@@ -71,9 +71,8 @@ def save_main(s, method, model, data, optimizer, lr_scheduler, ema, counters, st
                                                    _last_result(out_dir, s.save.output_name),
                                                    st.list_states(out_dir) if steps.resumable else []))
         stem = out_dir / (s.save.output_name if final else f"{s.save.output_name}-step{counters.step:08d}")
-        meta = {**s.metadata, "sdtk_step": str(counters.step), "sdtk_epoch": str(counters.epoch)}
         with ema.applied() if ema is not None else nullcontext():
-            path = method.save_result(model, stem, meta)
+            path = method.save_result(model, stem, s.save_context(counters))
         method.save_optimizer_sidecar(path, optimizer)
         if not final and s.save.save_last_n > 0:
             prune_results(out_dir, s.save.output_name, path.suffix, s.save.save_last_n)
@@ -86,7 +85,8 @@ def _save_state(s, out_dir, counters, trainable, optimizer, lr_scheduler, ema, d
     st.save_state(out_dir, counters, trainable, {
         "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
         "ema": None if ema is None else ema.state_dict(), "data": data.state_dict(),
-        "rng": st.rng_state()}, keep_last=s.save.save_last_n)
+        "method": s.method.extra_state(), "made_with": s.made_with(), "rng": st.rng_state()},
+        keep_last=s.save.save_last_n)
 
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

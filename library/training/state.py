@@ -116,3 +116,29 @@ def load_state(path: Path) -> tuple[Counters, dict[str, torch.Tensor], dict[str,
     payload = read_pickle_dict(path / "training_state.pt", "resume state")
     c = payload.pop("counters")
     return Counters(c["step"], c["epoch"], c["nan_steps"], c.get("extra", {})), trainable, payload
+
+
+def check_made_with(saved: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
+    """A resume state continues a run only with what it was made with: the trained tensors (names and shapes: the
+    method and its [network] / [embedding] / [hypernetwork] settings), the optimizer type (its state has that
+    optimizer's buffers) and the learning rates (the restored optimizer and schedule would keep the old ones, while
+    the new config and the result's metadata said otherwise). One error naming what differs, never a traceback."""
+    if saved is None:  # states written before this check: what could be compared is not recorded
+        return
+    trained_then, trained_now = saved.get("trained", {}), current.get("trained", {})
+    if trained_then != trained_now:
+        names = sorted(set(trained_then) ^ set(trained_now))
+        if names:
+            what = f"tensors differ (e.g. {names[0]})"
+        else:
+            k = next(k for k in sorted(trained_now) if trained_then[k] != trained_now[k])
+            what = f"{k} is {trained_then[k]} in the state and {trained_now[k]} now"
+        raise UserError(f"train.resume: {path} was made with other settings of what trains ({what}): a changed "
+                        "rank (network.network_dim / conv_dim), target, method or token count cannot continue "
+                        "that state; restore those settings, or start a fresh run (train.resume = '')")
+    for key in ("optimizer.optimizer_type", "optimizer.learning_rate", "optimizer.unet_lr",
+                "optimizer.text_encoder_lr"):
+        if key in saved and saved[key] != current.get(key):
+            raise UserError(f"train.resume: {path} was made with {key} = {saved[key]!r}, this run sets "
+                            f"{current.get(key)!r}: a resumed run continues with the state's optimizer and schedule, "
+                            f"so set {key} back to {saved[key]!r} (or start a fresh run with train.resume = '')")
