@@ -105,6 +105,9 @@ def _pristine_meta_model(family: str, folder: Path):
 
     from library.models.model import SDModel
 
+    if family == "sd3":
+        return _pristine_meta_sd3(folder)
+
     names = ["text_encoder", "text_encoder_2"][: 2 if family == "sdxl" else 1]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"))
@@ -119,6 +122,36 @@ def _pristine_meta_model(family: str, folder: Path):
         m.requires_grad_(False)
     return SDModel(family=family, prediction_type="epsilon", unet=unet, vae=vae, text_encoders=encoders,
                    tokenizers=[], scheduler_config={}, source=str(folder), config_dir=folder)
+
+
+def _pristine_meta_sd3(folder: Path):
+    """SD3: the MMDiT, the 16-channel VAE, CLIP-L / CLIP-G with projection and T5-XXL (what sd-scripts keeps
+    resident unless text-encoder outputs are cached), all on the meta device."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from library.models.model import SDModel
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(_read_json(folder / "transformer" / "config.json"))
+        vae = AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"))
+        encoders: list[nn.Module] = [CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / name))
+                                     for name in ("text_encoder", "text_encoder_2")]
+        if (folder / "text_encoder_3" / "config.json").is_file():
+            encoders.append(T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_3")))
+    for m in (transformer, vae, *encoders):
+        m.requires_grad_(False)
+    return SDModel(family="sd3", prediction_type="flow", unet=transformer, vae=vae, text_encoders=encoders,
+                   tokenizers=[], scheduler_config={}, source=str(folder), config_dir=folder)
+
+
+def _sd3_cached_cond(model, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached SD3 text outputs: [B, 77 + T5 tokens, joint width] and the pooled [B, CLIP-L + CLIP-G projections]."""
+    from library.models.sd3.text import t5_tokens
+
+    cfg = model.unet.config
+    return (torch.randn(batch, 77 + t5_tokens(model), cfg.joint_attention_dim, dtype=dtype),
+            torch.randn(batch, cfg.pooled_projection_dim, dtype=dtype))
 
 
 def fakeify(modules: list[nn.Module], trained_dtype: torch.dtype, frozen_dtype: torch.dtype,
@@ -303,6 +336,10 @@ def _run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
             latents = vae.encode(torch.randn(batch, 3, height, width)).latent_dist.sample()
     mark("vae")
     ids = [torch.zeros(batch, 77, dtype=torch.long) for _ in model.text_encoders]
+    if spec.family == "sd3" and len(ids) == 3:  # T5's tokens (library/models/sd3/text.py)
+        from library.models.sd3.text import t5_tokens
+
+        ids[2] = torch.zeros(batch, t5_tokens(model), dtype=torch.long)
     if spec.trains_text_encoder():
         with autocast:
             cond = encode_text(model, ids)
@@ -312,6 +349,8 @@ def _run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
             cond = encode_text(model, ids)
         hidden, pooled = cond.hidden, cond.pooled
         mark("text")
+    elif spec.family == "sd3":
+        hidden, pooled = _sd3_cached_cond(model, batch, DTYPES.get(spec.mixed_precision, torch.float32))
     else:
         dtype = DTYPES[spec.mixed_precision] if spec.mixed_precision != "no" else torch.float32
         hidden = torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=dtype)
@@ -325,7 +364,12 @@ def _run_step(model, spec: EstimateSpec, trained: list[nn.Parameter], optimizer,
     timesteps = torch.randint(0, 1000, (batch,))
     noisy = latents * 0.5 + noise * 0.5  # objective.prepare: sqrt(abar)·x0 + sqrt(1-abar)·eps (values irrelevant)
     with autocast:
-        pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+        if spec.family == "sd3":  # library/models/sd3/forward.py predict_sd3
+            pred = unet(hidden_states=noisy, timestep=timesteps.float(), encoder_hidden_states=hidden,
+                        pooled_projections=pooled, return_dict=False)[0]
+        else:
+            pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                        return_dict=False)[0]
     loss = torch.nn.functional.mse_loss(pred.float(), noise)
     if live is not None:
         marks["unet_forward"] = live.peak
