@@ -5,12 +5,15 @@
     python caption_images.py my_images/ --mode tags --repo_id SmilingWolf/wd-v1-4-convnext-tagger-v2 \\
         --general_threshold 0.35 --remove_underscore --undesired_tags "simple background,white background"
     python caption_images.py --config configs/caption_levels.toml
+    python caption_images.py --caption.dataset_path data.parquet --caption.output_dataset captioned/ --model ...
 
 Modes: text (a natural-language caption from a transformers model: BLIP, BLIP-2, GIT, Florence-2, ...), tags
 (a WD14-style ONNX tagger: model.onnx + selected_tags.csv, a local folder or a hub repo; needs onnxruntime) and
 levels (tags + a short + a detailed caption written side by side, as foo.tags.txt, foo.short.txt and
 foo.detailed.txt). foo.png gets foo.txt (or foo<caption_extension>); existing caption files are kept unless
 --overwrite, so a stopped run simply continues where it stopped when run again. Each file is written atomically.
+A Hugging Face dataset (parquet, save_to_disk, imagefolder) gets caption columns instead, in a copy written to
+caption.output_dataset (train on it with data.dataset_path); its record <output_dataset>.captions.jsonl resumes it.
 """
 
 from __future__ import annotations

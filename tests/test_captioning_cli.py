@@ -25,6 +25,7 @@ FLAGS = sorted(set(re.findall(r"^  (--[\w.-]+)", HELP, re.M)))
 SCRIPT_FLAGS = {"--config": "test_config_file_and_command_line", "--print-config": "test_every_key_and_alias",
                 "--dry-run": "test_dry_run_plans_without_loading_or_writing",
                 "--no-progress": "test_config_file_and_command_line"}
+DATASET_KEYS = {"dataset_path", "dataset_split", "image_column", "caption_column", "output_dataset"}
 TYPES = {o.path: o.type for o in iter_options(caption_images.CONFIG_CLASS) if isinstance(o, Option)}
 SPECIAL = {"caption.caption_extension": ".caption", "caption.tagger.caption_separator": "; ",
            "caption.short.max_new_tokens": 25, "caption.detailed.max_new_tokens": 200, "caption.text.prompt": "a b"}
@@ -67,8 +68,10 @@ def test_every_key_and_alias(flag, capsys):
     name = flag[2:]
     key = caption_images.ALIASES.get(name, name)
     value = value_for(key)
-    # the mode needs its models; the flag under test comes last, so it wins over these
-    args = ["imgs", "--model", "m", "--repo_id", "t", flag, *cli_text(value), "--print-config"]
+    # the mode needs its models, a dataset key a dataset; the flag under test comes last, so it wins over these
+    source = (["--caption.dataset_path", "d", "--caption.output_dataset", "o"] if key.split(".")[1] in DATASET_KEYS
+              else ["imgs"])
+    args = [*source, "--model", "m", "--repo_id", "t", flag, *cli_text(value), "--print-config"]
     assert caption_images.main(args) == 0
     node = tomllib.loads(capsys.readouterr().out)
     for part in key.split("."):

@@ -230,7 +230,11 @@ def test_strip_prompt_rule():
 
 
 @pytest.mark.parametrize("table, message", [
-    ({}, "caption.image_dir is not set"),
+    ({}, r"set one of caption.image_dir \(a folder, e.g. caption_images.py my_images/\) and caption.dataset_path"),
+    ({"image_dir": "x", "dataset_path": "d"}, "caption.dataset_path \\(a Hugging Face dataset\\), not both"),
+    ({"dataset_path": "d.parquet", "mode": "tags", "tagger": {"model": "t"}}, "needs caption.output_dataset"),
+    ({"dataset_path": "d", "output_dataset": "./d", "mode": "tags", "tagger": {"model": "t"}},
+     "must be another folder than caption.dataset_path"),
     ({"image_dir": "x", "caption_extension": "txt"}, "must be an extension such as '.txt'"),
     ({"image_dir": "x", "batch_size": 0}, "caption.batch_size = 0 must be >= 1"),
     ({"image_dir": "x", "mode": "text"}, "caption.mode = 'text' needs caption.model"),

@@ -77,6 +77,9 @@ def _scan(root: Path, recursive: bool) -> tuple[list[Path], dict[Path, set[str]]
 
 def list_images(root: Path, recursive: bool) -> tuple[list[Path], dict[Path, set[str]]]:
     """`_scan`, with one clear error when there is nothing to caption (and a hint when sub-folders have images)."""
+    if root.is_file():
+        raise DataError(f"{root} is a file: a dataset goes in caption.dataset_path (with caption.output_dataset), "
+                        "a folder of images in caption.image_dir")
     if not root.is_dir():
         raise DataError(f"image folder {root} not found (caption.image_dir)")
     found, names = _scan(root, recursive)

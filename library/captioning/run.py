@@ -20,18 +20,24 @@ from library.fileio import recover_interrupted_writes
 TEXT_FIT = (768, 768)  # decode size hint for the captioner: processors resize to 384-768 px (BLIP, Florence-2)
 
 
-def _batches(paths: list[Path], size: int, fit: tuple[int, int]) -> Iterator[tuple[list[Path], list, list]]:
-    """(paths, images, [(path, reason)] of undecodable ones) per batch; the next batch decodes while this one runs."""
-    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+def batches(keys: list, size: int, fit: tuple[int, int], source: Callable[[list], list] | None = None,
+            decode: Callable = load_rgb) -> Iterator[tuple[list, list, list]]:
+    """(keys, images, [(key, reason)] of undecodable ones) per batch; the next batch decodes in threads while this
+    one runs. `source(chunk)` turns a chunk of keys into what `decode(item, fit)` reads (default: the keys, paths);
+    it runs in this thread, the decoding in the pool."""
+    chunks = [keys[i:i + size] for i in range(0, len(keys), size)]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        pending = [pool.submit(load_rgb, p, fit) for p in chunks[0]] if chunks else []
+        def submit(k: int) -> list:
+            items = source(chunks[k]) if source else chunks[k]
+            return [pool.submit(decode, item, fit) for item in items]
+
+        pending = submit(0) if chunks else []
         for k, chunk in enumerate(chunks):
-            current = pending
-            pending = [pool.submit(load_rgb, p, fit) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
+            current, pending = pending, (submit(k + 1) if k + 1 < len(chunks) else [])
             loaded = [f.result() for f in current]
-            good = [(p, im) for p, im in zip(chunk, loaded) if isinstance(im, Image.Image)]
-            bad = [(p, f"cannot be read: {im}") for p, im in zip(chunk, loaded) if isinstance(im, str)]
-            yield [p for p, _ in good], [im for _, im in good], bad
+            good = [(key, im) for key, im in zip(chunk, loaded) if isinstance(im, Image.Image)]
+            bad = [(key, f"cannot be read: {im}") for key, im in zip(chunk, loaded) if isinstance(im, str)]
+            yield [key for key, _ in good], [im for _, im in good], bad
 
 
 def resolve_device(device: str) -> str:
@@ -62,31 +68,18 @@ def describe(p: Plan, cfg: CaptionConfig) -> str:
 
 def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
                    out: Callable[[str], None] = print) -> Plan:
-    """Caption `cfg.image_dir`; returns the plan with every skipped image and its reason added."""
+    """Caption `cfg.image_dir` (or `cfg.dataset_path`: library/captioning/hfrows.py); returns the plan with every
+    skipped image and its reason added."""
+    if cfg.dataset_path:
+        from library.captioning.hfrows import caption_dataset
+
+        return caption_dataset(cfg, progress=progress, dry_run=dry_run, out=out)
     p = make_plan(cfg, clean=not dry_run)
     out(describe(p, cfg))
     if dry_run or p.total == 0:
         _report_skipped(p, out)
         return p
-    device = resolve_device(cfg.device)
-    captioners: dict[str, Callable[[list[Image.Image]], list[str]]] = {}
-    fits: dict[str, tuple[int, int]] = {}
-    tagger_fn = None
-    if cfg.mode == "tags" or p.todo.get("tags"):
-        from library.captioning.tagger import Tagger
-
-        tagger_fn = Tagger(cfg.tagger, device)
-        level = "caption" if cfg.mode == "tags" else "tags"
-        captioners[level], fits[level] = tagger_fn, (tagger_fn.side, tagger_fn.side)
-    if cfg.mode == "text" or p.todo.get("short") or p.todo.get("detailed"):
-        from library.captioning.text import TextCaptioner
-
-        text = TextCaptioner(cfg.model, dtype=cfg.dtype, device=device, keep_prompt=cfg.keep_prompt,
-                             progress=progress)
-        for level, gen in (("caption", cfg.text), ("short", cfg.short), ("detailed", cfg.detailed)):
-            if level != "caption" or cfg.mode == "text":
-                captioners[level] = lambda imgs, gen=gen: text(imgs, gen)
-                fits[level] = TEXT_FIT
+    captioners, fits, tagger = load_captioners(cfg, [level for level, todo in p.todo.items() if todo], progress)
     from tqdm import tqdm
 
     written = 0
@@ -97,14 +90,12 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
             if not images:
                 continue
             bar.set_description(level if cfg.mode == "levels" else "captioning")
-            for paths, imgs, unreadable in _batches(images, cfg.batch_size, fits[level]):
+            for paths, imgs, unreadable in batches(images, cfg.batch_size, fits[level]):
                 bad.update((path, why) for path, why in unreadable if path not in bad)
                 captions = captioners[level](imgs) if imgs else []
                 for path, caption in zip(paths, captions):
                     if not caption.strip():
-                        what = ("no tag reached the thresholds" if captioners[level] is tagger_fn else
-                                "the model gave an empty " + ("caption" if level == "caption" else f"{level} caption"))
-                        p.skipped.append((path, f"{what}; nothing written (a rerun tries again)"))
+                        p.skipped.append((path, empty_reason(level, captioners[level] is tagger)))
                         continue
                     written += 1
                     write_caption(caption_path(path, cfg.caption_extension, level), caption, written)
@@ -113,6 +104,37 @@ def run_captioning(cfg: CaptionConfig, *, progress: bool, dry_run: bool = False,
     out(f"wrote {written} caption files" + (f"; {len(p.skipped)} skipped (listed below)" if p.skipped else ""))
     _report_skipped(p, out)
     return p
+
+
+def load_captioners(cfg: CaptionConfig, levels: list[str], progress: bool):
+    """The models the given levels need (each loaded once): {level: captioner}, {level: decode size}, the tagger."""
+    device = resolve_device(cfg.device)
+    captioners: dict[str, Callable[[list[Image.Image]], list[str]]] = {}
+    fits: dict[str, tuple[int, int]] = {}
+    tagger = None
+    tag_level = "caption" if cfg.mode == "tags" else "tags"
+    if tag_level in levels:
+        from library.captioning.tagger import Tagger
+
+        tagger = Tagger(cfg.tagger, device)
+        captioners[tag_level], fits[tag_level] = tagger, (tagger.side, tagger.side)
+    gens = {"caption": cfg.text, "short": cfg.short, "detailed": cfg.detailed}
+    text_levels = [lv for lv in levels if lv not in captioners]
+    if text_levels:
+        from library.captioning.text import TextCaptioner
+
+        text = TextCaptioner(cfg.model, dtype=cfg.dtype, device=device, keep_prompt=cfg.keep_prompt,
+                             progress=progress)
+        for level in text_levels:
+            captioners[level] = lambda imgs, gen=gens[level]: text(imgs, gen)
+            fits[level] = TEXT_FIT
+    return captioners, fits, tagger
+
+
+def empty_reason(level: str, is_tagger: bool) -> str:
+    what = ("no tag reached the thresholds" if is_tagger else
+            "the model gave an empty " + ("caption" if level == "caption" else f"{level} caption"))
+    return f"{what}; nothing written (a rerun tries again)"
 
 
 def _report_skipped(p: Plan, out: Callable[[str], None]) -> None:

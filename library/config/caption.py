@@ -5,12 +5,14 @@ generates.
 Modes: `text` writes one natural-language caption per image (`foo.txt`); `tags` one tag list (`foo.txt`); `levels`
 the three caption levels of the Z-Image report side by side: `foo.tags.txt` (tagger), `foo.short.txt` and
 `foo.detailed.txt` (captioner with the [caption.short] / [caption.detailed] settings). The caption extension
-replaces `.txt` in every name. No torch here: config modules stay light.
+replaces `.txt` in every name. A Hugging Face dataset (`dataset_path`) gets columns instead, in a captioned copy
+(`output_dataset`). No torch here: config modules stay light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from library.config.fields import opt
@@ -62,6 +64,14 @@ class CaptionConfig:
     """`[caption]`: the images, the captions written beside them, and the captioner."""
 
     image_dir: str = opt("", "folder of images to caption (the first argument of caption_images.py)")
+    dataset_path: str = opt("", "a Hugging Face dataset to caption instead: a .parquet file or folder, a "
+                                "save_to_disk folder, or an imagefolder (images + metadata.jsonl / .csv)")
+    dataset_split: str = opt("train", "split of dataset_path to caption")
+    image_column: str = opt("image", "dataset_path: the column holding the images")
+    caption_column: str = opt("text", "dataset_path: the column the captions go to (modes text and tags); mode "
+                                      "levels writes columns tags, short and detailed, the names [data] reads")
+    output_dataset: str = opt("", "dataset_path: the folder the captioned dataset is written to (save_to_disk); "
+                                  "train on it with data.dataset_path")
     mode: CaptionMode = opt("text", "text: a natural-language caption (caption.model) | tags: WD14 tags "
                                     "(caption.tagger.model) | levels: tags + short + detailed side by side")
     caption_extension: str = opt(".txt", "caption file extension: foo.png -> foo.txt; levels foo.tags.txt, ...")
@@ -82,8 +92,17 @@ class CaptionConfig:
                                    "generation settings of the detailed level")
 
     def validate(self) -> None:
-        if not self.image_dir.strip():
-            raise ConfigError("caption.image_dir is not set: give the folder, e.g. caption_images.py my_images/")
+        if bool(self.image_dir.strip()) == bool(self.dataset_path.strip()):
+            both = ", not both" if self.image_dir else ""
+            raise ConfigError("set one of caption.image_dir (a folder, e.g. caption_images.py my_images/) and "
+                              f"caption.dataset_path (a Hugging Face dataset){both}")
+        if self.dataset_path and not self.output_dataset.strip():
+            raise ConfigError("caption.dataset_path needs caption.output_dataset: the folder the captioned dataset "
+                              "is written to")
+        if self.dataset_path and Path(self.output_dataset).expanduser().resolve() == Path(
+                self.dataset_path).expanduser().resolve():
+            raise ConfigError("caption.output_dataset must be another folder than caption.dataset_path (the dataset "
+                              "is read while the captioned copy is written)")
         ext = self.caption_extension
         if not ext.startswith(".") or len(ext) < 2 or "/" in ext or "\\" in ext:
             raise ConfigError(f"caption.caption_extension = {self.caption_extension!r} must be an extension such as "
