@@ -132,3 +132,21 @@ def test_colour_codec_with_16_channels_round_trips_colour(tiny_sd3):
     assert torch.allclose(out, image, atol=2e-3)
     # Every latent channel carries colour (as the released 16 do), with the 4-channel codec's spread.
     assert (z.flatten(2).abs().amax(-1) > 0.05).all()
+
+
+def test_peek_sd3_reads_configs_and_headers_only(tmp_path, tiny_sd3):
+    from library.config.model import ModelConfig
+    from library.models.sd3.peek import peek_sd3
+    from library.models.sd3.save import save_diffusers_sd3
+    from library.models.sd3.single_file import save_sd3_single_file
+
+    facts = peek_sd3(ModelConfig(pretrained_model_name_or_path="tiny:sd3"))
+    assert facts[0] == "sd3" and facts[2:] == ("flow", 8, 8)
+    assert peek_sd3(ModelConfig(pretrained_model_name_or_path="tiny:sd15")) is None
+    folder = save_diffusers_sd3(tiny_sd3, tmp_path / "m", dtype=torch.float32)
+    assert peek_sd3(ModelConfig(pretrained_model_name_or_path=str(folder)))[1] == folder
+    path = tmp_path / "m.safetensors"
+    save_sd3_single_file(tiny_sd3, path)
+    # A single file names its variant's bundled folder (SD3.5 Medium layout here): 128 latents = 1024 px.
+    assert peek_sd3(ModelConfig(pretrained_model_name_or_path=str(path)))[1:] == (
+        bundled_config_dir("sd35_medium"), "flow", 128, 8)
