@@ -150,3 +150,19 @@ def test_peek_sd3_reads_configs_and_headers_only(tmp_path, tiny_sd3):
     # A single file names its variant's bundled folder (SD3.5 Medium layout here): 128 latents = 1024 px.
     assert peek_sd3(ModelConfig(pretrained_model_name_or_path=str(path)))[1:] == (
         bundled_config_dir("sd35_medium"), "flow", 128, 8)
+
+
+def test_generic_savers_dispatch_sd3(tmp_path, tiny_sd3):
+    """What the methods call (save_single_file, save_diffusers) writes the SD3 layouts for an SD3 model."""
+    from safetensors import safe_open
+
+    from library.models.save import save_diffusers
+    from library.models.sd3.single_file import model_to_sd3_file
+    from library.models.single_file import save_single_file
+
+    path = tmp_path / "m.safetensors"
+    save_single_file(tiny_sd3, path, dtype=torch.float16)
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == set(model_to_sd3_file(tiny_sd3))
+    out = save_diffusers(tiny_sd3, tmp_path / "folder", dtype=torch.float32)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"

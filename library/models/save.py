@@ -106,6 +106,10 @@ def save_diffusers(model: SDModel, out_dir: str | os.PathLike, dtype: torch.dtyp
 
     The model itself is not modified (weights are converted copy by copy).
     """
+    if model.family == "sd3":  # transformer/ and three text encoders (library/models/sd3/save.py)
+        from library.models.sd3.save import save_diffusers_sd3
+
+        return save_diffusers_sd3(model, out_dir, dtype=dtype)
     out_dir = Path(out_dir)
     te_names, _ = _component_names(model)
     with atomic_path(out_dir) as tmp:

@@ -122,6 +122,10 @@ def save_single_file(model: SDModel, path: str | os.PathLike, dtype: torch.dtype
     bf16); `metadata` (str -> str) goes into the header, plus `modelspec.prediction_type` unless given."""
     from safetensors.torch import save_file
 
+    if model.family == "sd3":  # the SD3 layout has its own key maps (library/models/sd3/single_file.py)
+        from library.models.sd3.single_file import save_sd3_single_file
+
+        return save_sd3_single_file(model, path, dtype=dtype, metadata=metadata)
     path = Path(path)
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         raise ModelFileError(f"{path}: single files are written as {SAFETENSORS_SUFFIX} only (never pickles)")
