@@ -135,3 +135,25 @@ def test_options_that_do_not_apply_to_sd3(base):
         _trained(base, target="attn+conv", conv_dim=4)
     with pytest.raises(ConfigError, match="per-block"):
         _trained(base, block_dims=[4] * 25)
+
+
+def test_file_round_trip_and_refusals(base, tmp_path):
+    model, network = _trained(base)
+    for layout in ("diffusers", "sd_scripts"):
+        path = tmp_path / f"{layout}.safetensors"
+        sd3_keys.save_sd3_lora(path, sd3_keys.state_dict_sd3(model, network, layout, torch.float32),
+                               sd3_keys.metadata_sd3(model, network, layout))
+        fresh_model, fresh = _trained(base)
+        meta = sd3_keys.load_sd3_file_into(fresh_model, fresh, path)
+        assert meta["ss_base_model_version"] == "5-medium" and meta["sdtk_lora_layout"] == layout
+        for a, b in zip(network.modules, fresh.modules):
+            for part in ("lora_A", "lora_B"):
+                assert torch.allclose(getattr(a.layer, part)["sdtk"].weight, getattr(b.layer, part)["sdtk"].weight,
+                                      atol=1e-7), (layout, a.path)
+    sd = sd3_keys.state_dict_sd3(model, network, "diffusers")
+    sd[next(iter(sd))] = torch.full_like(sd[next(iter(sd))], float("inf"))
+    with pytest.raises(ModelFileError, match="inf or NaN"):
+        sd3_keys.save_sd3_lora(tmp_path / "bad.safetensors", sd, {})
+    assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(ModelFileError, match="lacks the diffusers prefixes"):
+        sd3_keys.save_sd3_lora(tmp_path / "bad.safetensors", {"unet.x.lora_A.weight": torch.zeros(1)}, {})
