@@ -117,3 +117,48 @@ def test_dtype_none_keeps_the_stored_precision(tmp_path):
     assert {m.dtype for m in (loaded.unet, loaded.vae, *loaded.text_encoders)} == {torch.float16}
     for k, v in model.unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[k], v.half()), k
+
+
+@pytest.mark.parametrize("ref", ["tiny:sd2", "tiny:sdxl"])
+def test_tokenizer_from_its_json_is_the_from_pretrained_one(ref, tmp_path):
+    """Read straight from tokenizer.json (library/models/load.py _tokenizer): the same ids, special tokens and
+    saved files as CLIPTokenizer.from_pretrained (SD2 / SDXL-2 pad with "!", the others with <|endoftext|>)."""
+    from transformers import CLIPTokenizer
+
+    from library.models.load import load_tokenizers, resolve_model_ref
+    from library.models.save import save_tokenizer
+
+    folder = resolve_model_ref(ref)
+    subs = ["tokenizer", "tokenizer_2"][: 2 if ref == "tiny:sdxl" else 1]
+    captions = ["a photo of a cat", "Ünïcödé  weird,,, text!!! " * 10, "", "1girl, solo, <|endoftext|> tag"]
+    for sub, ours in zip(subs, load_tokenizers([folder / s for s in subs])):
+        theirs = CLIPTokenizer.from_pretrained(folder / sub)
+        assert type(ours) is type(theirs)
+        for attr in ("pad_token", "bos_token", "eos_token", "unk_token", "model_max_length", "pad_token_id",
+                     "padding_side", "truncation_side", "all_special_ids", "added_tokens_decoder"):
+            assert getattr(ours, attr) == getattr(theirs, attr), attr
+        kw = dict(padding="max_length", max_length=77, truncation=True)
+        assert ours(captions, **kw).input_ids == theirs(captions, **kw).input_ids
+        save_tokenizer(ours, tmp_path / f"{sub}-ours")
+        save_tokenizer(theirs, tmp_path / f"{sub}-theirs")
+        for f in (tmp_path / f"{sub}-theirs").iterdir():
+            assert (tmp_path / f"{sub}-ours" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_tokenizer_config_with_unknown_keys_goes_through_from_pretrained(tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from library.models.load import load_tokenizers, resolve_model_ref
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(resolve_model_ref("tiny:sd15") / "tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "some_future_option": 1}))
+    calls = []
+    real = CLIPTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(a) or real(cls, *a, **k)))
+    (tok,) = load_tokenizers([folder])
+    assert calls == [(folder,)] and tok.model_max_length == 77

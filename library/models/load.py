@@ -178,10 +178,34 @@ def _from_config(cls: type, component: Path) -> Any:
 
 
 def load_tokenizers(folders: list[Path]) -> list[Any]:
-    """The CLIP tokenizers of these tokenizer folders (vocab.json + merges.txt, or tokenizer.json)."""
+    """The CLIP tokenizers of these tokenizer folders (tokenizer.json, or vocab.json + merges.txt)."""
+    return [_tokenizer(folder) for folder in folders]
+
+
+# tokenizer_config.json keys a CLIPTokenizer takes as arguments; the rest say where files were or are implied by
+# tokenizer.json (its added tokens). A config with any other key is left to from_pretrained.
+_TOKENIZER_ARGS = frozenset({"add_prefix_space", "bos_token", "clean_up_tokenization_spaces", "do_lower_case",
+                             "eos_token", "errors", "model_max_length", "pad_token", "padding_side",
+                             "truncation_side", "unk_token"})
+_TOKENIZER_IGNORED = frozenset({"added_tokens_decoder", "backend", "is_local", "local_files_only", "merges_file",
+                                "name_or_path", "special_tokens_map_file", "tokenizer_class", "tokenizer_file",
+                                "vocab_file"})
+
+
+def _tokenizer(folder: Path) -> Any:
+    """A folder with tokenizer.json (every folder we write, every tiny: model) is read straight from that file with
+    the config's arguments: the same tokenizer (ids, special tokens, saved files; tests/test_meta_load.py) in a
+    third of from_pretrained's time, which resolves hub files and merges configs first. Others: from_pretrained."""
     from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
-    return [CLIPTokenizer.from_pretrained(f) for f in folders]
+    tokenizer_json, config_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if tokenizer_json.is_file() and config_path.is_file():
+        config = _read_json(config_path)
+        if config.get("tokenizer_class", "CLIPTokenizer") == "CLIPTokenizer" and set(config) <= (
+                _TOKENIZER_ARGS | _TOKENIZER_IGNORED):
+            return CLIPTokenizer(tokenizer_file=str(tokenizer_json),
+                                 **{k: v for k, v in config.items() if k in _TOKENIZER_ARGS})
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any]) -> Family:
