@@ -154,7 +154,7 @@ def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def load_single_file(path: str | os.PathLike, cfg: Any) -> SDModel:
     """Load a single-file SD1/SD2/SDXL checkpoint (`cfg`: a `ModelConfig`). Tensors keep the file's dtype."""
-    f = open_tensor_file(path)
+    f = _read_whole(open_tensor_file(path))
     family = detect_family(f.keys())
     if family is None:
         raise ModelFileError(f"{f.path}: not an SD1/SD2/SDXL single file: no text-encoder keys "
@@ -186,6 +186,18 @@ def load_single_file(path: str | os.PathLike, cfg: Any) -> SDModel:
     return SDModel(family=family, prediction_type=prediction, unet=unet, vae=vae, text_encoders=text_encoders,
                    tokenizers=tokenizers, scheduler_config=sched, source=str(path), config_dir=config_dir,
                    extra={"zero_terminal_snr": ztsnr, "file_metadata": dict(f.metadata)})
+
+
+def _read_whole(f: TensorFile) -> TensorFile:
+    """A safetensors file's tensors read into memory torch owns (library/models/meta_load.py `read_safetensors`),
+    not `safe_open`'s views of a memory map: every weight is read anyway, the file's pages would stay mapped (and
+    counted in the process's memory) beside any cast copy (fp16 file -> fp32 weights: 3x the file instead of 2x),
+    and torch-allocated memory is 64-byte aligned, as the in-memory model's (identical outputs)."""
+    if f.path.suffix.lower() != SAFETENSORS_SUFFIX:
+        return f  # pickles are already in memory
+    from library.models.meta_load import read_safetensors
+
+    return TensorFile(f.path, f.shapes, f.metadata, read_safetensors(f.path))
 
 
 def detect_prediction(f: Mapping[str, Any], family: Family, forced: str | None) -> str:
