@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from library.merge.prefetch import input_refs, start_prefetch
 
         start_prefetch(input_refs(cfg))  # the disk reads while torch is imported
-    from library.merge.recipe import run_recipe
+    from library.merge.run import run_recipe
 
     timings: dict[str, float] = {}
     out = run_recipe(cfg, recipe, progress=not flags.extra["no_progress"], dry_run=flags.dry_run, timings=timings)

@@ -48,7 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     from library.estimate.gpus import load_gpus, needed_bytes
-    from library.estimate.memory import _MEASURED, EstimateSpec, estimate_step
+    from library.estimate.memory import EstimateSpec
+    from library.estimate.step import _MEASURED, estimate_step
     from library.estimate.report import ladder
 
     import_s = time.perf_counter() - t0

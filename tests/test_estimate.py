@@ -20,12 +20,11 @@ from library.estimate.memory import (
     Estimate,
     EstimateSpec,
     LiveBytes,
-    estimate_step,
     optimizer_state_bytes,
     rederive,
 )
 from library.estimate.report import describe, report
-from library.estimate.step import StepMeasure, run_step, set_training_modes, setup_method
+from library.estimate.step import StepMeasure, estimate_step, run_step, set_training_modes, setup_method
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure arithmetic.

@@ -14,8 +14,8 @@ import torch
 from library.config.network import NetworkConfig
 from library.errors import ModelFileError
 from library.models.tiny import build_tiny, resolve_model_ref
-from library.networks.kohya import (load_kohya_into, metadata_for, module_names, network_state_dict_kohya, read_kohya,
-                                    save_kohya)
+from library.networks.kohya import (load_kohya_file_into, load_kohya_into, metadata_for, module_names,
+                                    network_state_dict_kohya, read_kohya, save_kohya)
 from library.networks.lora import adapter_params, inject_network, param_groups
 
 REFS = {"sd1": "tiny:sd15", "sdxl": "tiny:sdxl"}
@@ -180,7 +180,7 @@ def test_lycoris_files_round_trip_and_match_readers(module, extra, tmp_path):
     # resume: network_weights loads the file into fresh adapters of the same configuration
     fresh = build_tiny("sd1")
     cfg.network_weights = str(path)
-    inject_network(fresh, cfg)
+    load_kohya_file_into(fresh, inject_network(fresh, cfg), str(path))  # the caller loads it, as LoraTraining does
     again = outputs(fresh.unet, fresh.text_encoders, inputs(fresh))
     assert max_diff(ours[0], again[0]) <= 1e-6
     for a, b in zip(ours[1], again[1]):
@@ -269,6 +269,7 @@ def test_resume_from_network_weights_and_continue_training(sd1_lora, tmp_path):
     path = save_kohya(tmp_path / "resume.safetensors", sd, {"ss_steps": "10"})
     fresh = build_tiny("sd1")
     net2 = inject_network(fresh, NetworkConfig(network_dim=4, network_alpha=2.0, network_weights=str(path)))
+    load_kohya_file_into(fresh, net2, str(path))  # the caller loads the file (as LoraTraining.setup does)
     x = inputs(fresh)
     assert max_diff(outputs(model.unet, model.text_encoders, x)[0], outputs(fresh.unet, fresh.text_encoders, x)[0]) <= 1e-6
     opt = torch.optim.SGD(param_groups(net2, base_lr=1e-2, unet_lr=None, te_lr=None), lr=1e-2)

@@ -15,7 +15,7 @@ from library.config.core import load_config
 from library.config.merge import MergeRecipe
 from library.fileio import OutputWriteError, atomic_path
 from library.merge import recipe, writers
-from library.merge.recipe import run_recipe
+from library.merge.run import run_recipe
 from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, open_writer
 
 

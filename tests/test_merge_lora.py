@@ -8,7 +8,7 @@ from safetensors import safe_open
 from library.config.core import load_config
 from library.config.merge import MergeRecipe
 from library.errors import ModelFileError
-from library.merge.recipe import run_recipe
+from library.merge.run import run_recipe
 from library.merge.stream import open_source
 from library.networks.lora_tools import group_modules, lora_delta
 

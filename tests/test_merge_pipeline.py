@@ -15,7 +15,8 @@ from library.config.core import load_config
 from library.config.merge import MergeRecipe
 from library.merge import stream, writers
 from library.merge.pipeline import run_pipeline
-from library.merge.recipe import OutputRing, read_order, run_recipe
+from library.merge.recipe import OutputRing, read_order
+from library.merge.run import run_recipe
 from library.merge.stream import SafetensorsFile, open_source
 from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter
 from library.models.tiny import resolve_model_ref

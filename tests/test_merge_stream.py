@@ -13,7 +13,7 @@ from library.config.core import load_config
 from library.config.merge import MergeRecipe
 from library.errors import ModelFileError
 from library.merge.blocks import block_slot, parse_block_alphas
-from library.merge.recipe import run_recipe
+from library.merge.run import run_recipe
 from library.merge.stream import SafetensorsFile, open_source
 from library.merge.writers import SafetensorsWriter
 from library.models.keymaps import unet_key_map

@@ -162,8 +162,6 @@ def test_option_needs_the_cache_and_names_the_folder(tmp_path):
     assert folder.parent.name == "text_encoder_outputs" and len(folder.name) == 16
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 item 9: library/training/loop.py does not call "
-                                      "text_cache.load_or_encode yet (the lead wires it into the training seam)")
 def test_second_run_reads_the_text_encoder_outputs_from_disk(tmp_path, capfd):
     from tests.tinyrun import train_in_process, write_config
 

@@ -180,8 +180,6 @@ def test_prepare_at_matches_the_objective_targets():
 
 
 @pytest.mark.slow  # three short tiny-model runs (~30-60 s on 2 shared cores)
-@pytest.mark.xfail(strict=True, reason="issue 21 item 8: library/training/loop.py does not call "
-                                      "validation.validation_loss yet (the lead wires it into the training seam)")
 def test_validation_loss_is_logged_and_resume_exact(tmp_path):
     from tests.tinyrun import train_in_process, write_config
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 def main() -> int:
     from library.config.core import load_config
     from library.estimate.gpus import needed_bytes
-    from library.estimate.memory import estimate_step
+    from library.estimate.step import estimate_step
     from library.estimate.report import spec_from_sections
     from library.models.configs import bundled_config_for
     from library.methods.lora import CONFIG_CLASS

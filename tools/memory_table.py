@@ -50,7 +50,7 @@ def _short(label: str) -> str:
 def table(entries=None, sizes_gb=SIZES_GB, log=sys.stderr) -> str:
     """The markdown table (and its legend) for `entries`, (name, EstimateSpec) pairs; default: `presets()`."""
     from library.estimate.gpus import GPU, TIGHT_MARGIN_GIB, needed_bytes, tight
-    from library.estimate.memory import estimate_step
+    from library.estimate.step import estimate_step
     from library.estimate.report import ladder
 
     cards = [GPU(key=f"{gb}gb", name=f"{gb} GB", memory_gib=gb, tensor_tflops=1.0, fp32_tflops=0.5, source="size")

@@ -215,22 +215,6 @@ def optimizer_state_bytes(optimizer: str, shape: tuple[int, ...], dtype_bytes: i
 # From a measured step to an estimate.
 
 
-def estimate_step(spec: EstimateSpec, label: str = "") -> Estimate:
-    """Peak GPU tensor memory, its breakdown and the FLOPs of one steady-state training step of `spec`."""
-    from library.estimate.step import measure
-
-    start = time.perf_counter()
-    key = repr(spec)
-    if key not in _MEASURED:
-        _MEASURED[key] = measure(spec)
-    return finish(_MEASURED[key], spec, label, time.perf_counter() - start)
-
-
-# repr(spec) -> StepMeasure of this process: the ladder of one run and the README table meet the same settings
-# again (a measurement is deterministic: same settings, same ops, same bytes).
-_MEASURED: dict[str, Any] = {}
-
-
 def rederive(estimate: Estimate, spec: EstimateSpec, label: str) -> Estimate | None:
     """`spec`'s estimate from `estimate`'s measured step, without measuring again, when only the optimizer,
     DeepSpeed offload or gradient accumulation changed with the trained weights keeping their dtype (optimizer state

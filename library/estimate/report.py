@@ -28,7 +28,8 @@ from library.estimate.gpus import (
     needed_bytes,
     tight,
 )
-from library.estimate.memory import Estimate, EstimateSpec, estimate_step, rederive
+from library.estimate.memory import Estimate, EstimateSpec, rederive
+from library.estimate.step import estimate_step
 
 _8BIT = {"AdamW": "AdamW8bit", "Lion": "Lion8bit"}
 

@@ -7,6 +7,7 @@ import copy
 import functools
 import itertools
 import json
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from library.config.network import NetworkConfig
-from library.estimate.memory import DTYPES, EstimateSpec, LiveBytes
+from library.estimate.memory import DTYPES, Estimate, EstimateSpec, LiveBytes, finish
 
 
 @dataclass(frozen=True)
@@ -450,3 +451,17 @@ def measure(spec: EstimateSpec) -> StepMeasure:
 
 def _module_bytes(module: nn.Module) -> int:
     return _storage_bytes([*module.parameters(), *module.buffers()])
+
+
+def estimate_step(spec: EstimateSpec, label: str = "") -> Estimate:
+    """Peak GPU tensor memory, its breakdown and the FLOPs of one steady-state training step of `spec`."""
+    start = time.perf_counter()
+    key = repr(spec)
+    if key not in _MEASURED:
+        _MEASURED[key] = measure(spec)
+    return finish(_MEASURED[key], spec, label, time.perf_counter() - start)
+
+
+# repr(spec) -> StepMeasure of this process: the ladder of one run and the README table meet the same settings
+# again (a measurement is deterministic: same settings, same ops, same bytes).
+_MEASURED: dict[str, Any] = {}

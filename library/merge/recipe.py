@@ -42,23 +42,15 @@ Combine = Callable[[str, Sequence[torch.Tensor], "torch.Tensor | None"], torch.T
 Elementwise = bool | Literal["single_op"]
 
 
-def run_recipe(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry_run: bool = False,
-               timings: dict[str, float] | None = None) -> Path | None:
-    """Run the recipe; returns the output path. `recipe_text`: the resolved TOML, stored with the output.
+def run_merge(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry_run: bool = False,
+              timings: dict[str, float] | None = None) -> Path | None:
+    """Run a checkpoint-merge recipe (library.merge.run.run_recipe dispatches the LoRA modes elsewhere); returns the
+    output path. `recipe_text`: the resolved TOML, stored with the output.
 
     dry_run: open the inputs and check them (family, keys, shapes), print what would be written, write nothing.
     """
     m = cfg.merge
     out = Path(cfg.output.path).expanduser()
-    if out.exists() and not cfg.output.overwrite:
-        raise ConfigError(f"output.path {out} exists; choose another path or set output.overwrite = true")
-    if m.mode in ("lora_merge", "lora_extract", "lora_resize"):
-        from library.merge import lora_ops
-
-        if dry_run:
-            print(f"recipe is valid ({m.mode}); LoRA inputs are read when it runs; would write {out}")
-            return None
-        return lora_ops.run_lora_mode(cfg, recipe_text, progress=progress)
     if m.mode in TASK_MODES:
         refs = [m.model_a, *m.models]
         what = ["merge.model_a", *(f"merge.models[{i}]" for i in range(len(m.models)))]

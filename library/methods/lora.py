@@ -30,7 +30,7 @@ class LoraTraining(Method):
     name = "lora"
 
     def __init__(self, network: NetworkConfig, optimizer: OptimizerConfig, save_precision: str = "fp16"):
-        self.cfg_network, self.optimizer, self.save_precision = network, optimizer, save_precision
+        self.network_cfg, self.optimizer, self.save_precision = network, optimizer, save_precision
         self.network = None
 
     def setup(self, model: SDModel) -> list[dict]:
@@ -38,7 +38,11 @@ class LoraTraining(Method):
 
         for module in [model.unet, model.vae, *model.text_encoders]:
             module.requires_grad_(False)
-        self.network = inject_network(model, self.cfg_network)
+        self.network = inject_network(model, self.network_cfg)
+        if self.network_cfg.network_weights:  # continue a file: strict, same modules and ranks
+            from library.networks.kohya import load_kohya_file_into
+
+            load_kohya_file_into(model, self.network, self.network_cfg.network_weights)
         for p in self.network.parameters():
             p.requires_grad_(True)
         o = self.optimizer
@@ -52,15 +56,15 @@ class LoraTraining(Method):
 
     def trains_text_encoder(self, step: int) -> bool:
         if self.network is None:  # asked before setup (the run plan's check): what the table says will be adapted
-            return not self.cfg_network.train_unet_only
+            return not self.network_cfg.train_unet_only
         return self._trains_te()
 
     def after_optimizer_step(self, model: SDModel, step: int) -> dict[str, float]:
         from library.networks.lora import apply_max_norm
 
-        if self.cfg_network.scale_weight_norms <= 0:
+        if self.network_cfg.scale_weight_norms <= 0:
             return {}
-        scaled, mean_norm, max_norm = apply_max_norm(self.network, self.cfg_network.scale_weight_norms)
+        scaled, mean_norm, max_norm = apply_max_norm(self.network, self.network_cfg.scale_weight_norms)
         return {"max_norm/keys_scaled": scaled, "max_norm/average": mean_norm, "max_norm/max": max_norm}
 
     def trainable_state(self, model: SDModel) -> dict[str, torch.Tensor]:
@@ -80,7 +84,7 @@ class LoraTraining(Method):
     def save_result(self, model: SDModel, stem: Path, ctx: SaveContext) -> Path:
         from library.networks.kohya import metadata_for, network_state_dict_kohya, save_kohya
 
-        net, o, run = self.cfg_network, self.optimizer, ctx.run
+        net, o, run = self.network_cfg, self.optimizer, ctx.run
         md = metadata_for(
             family=model.family, v_prediction=model.prediction_type == "v_prediction", network_module=net.module,
             network_dim=net.network_dim, network_alpha=net.network_alpha, title=run.output_name,
@@ -95,7 +99,7 @@ class LoraTraining(Method):
         return save_kohya(stem.with_suffix(".safetensors"), state, md)
 
     def estimate_kind(self) -> tuple[str, dict]:
-        return "lora", {"network": self.cfg_network}
+        return "lora", {"network": self.network_cfg}
 
 
 def make_method(cfg: LoraRunConfig) -> LoraTraining:

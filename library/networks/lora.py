@@ -282,7 +282,9 @@ def _peft_config(cfg: NetworkConfig, entries: dict[str, tuple[Kind, int, float, 
 def inject_network(model: SDModel, cfg: NetworkConfig) -> Network:
     """Add the configured adapters to `model` in place (peft); only adapter parameters stay trainable.
 
-    With `cfg.network_weights` set, the file is loaded into the new adapters (strict: same modules and ranks).
+    A `cfg.network_weights` file is the caller's to load into the new adapters, after this returns
+    (library.networks.kohya.load_kohya_file_into: strict, same modules and ranks), so this module never imports the
+    file format's.
     """
     from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -312,10 +314,6 @@ def inject_network(model: SDModel, cfg: NetworkConfig) -> Network:
         loraplus_unet_ratio=cfg.loraplus_unet_lr_ratio or cfg.loraplus_lr_ratio,
         loraplus_te_ratio=cfg.loraplus_text_encoder_lr_ratio or cfg.loraplus_lr_ratio,
     )
-    if cfg.network_weights:
-        from library.networks.kohya import load_kohya_file_into
-
-        load_kohya_file_into(model, network, cfg.network_weights)
     return network
 
 

@@ -45,10 +45,22 @@ class TextConditioner:
         pooled = None if first is None else torch.stack([self.cache[c][1] for c in captions])
         return TextCond(hidden, pooled)
 
-    def cache_all(self, captions: list[str]) -> None:
-        """Encode every caption now; the text encoders then leave the GPU (they come back only to sample)."""
-        for i in range(0, len(captions), 64):
-            self.cond(captions[i:i + 64], live=False)
+    def cache_all(self, captions: list[str], cache_dir=None, precision: str = "no") -> None:
+        """Encode every caption now (or read it from the on-disk cache in `cache_dir`, which
+        library/data/text_cache.py keeps current); the text encoders then leave the GPU (back only to sample)."""
+        if cache_dir is not None:
+            from library.data.text_cache import load_or_encode, text_cache_record
+
+            def encode(caps: list[str]):
+                with torch.no_grad(), self.autocast():
+                    c = self._encode(caps)
+                return c.hidden, c.pooled
+
+            record = text_cache_record(self.model, self.clip_skip, precision)
+            self.cache.update(load_or_encode(captions, encode, cache_dir, record, device=self.device))
+        else:
+            for i in range(0, len(captions), 64):
+                self.cond(captions[i:i + 64], live=False)
         if self.device.type != "cpu":
             for enc in self.model.text_encoders:
                 enc.to("cpu")

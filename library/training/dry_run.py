@@ -16,13 +16,13 @@ from collections import Counter
 from typing import Any
 
 
-def quality_summary(image_dirs: list[str], caption_extension: str) -> str:
-    from library.data.doctor import quick_check
+def quality_summary(subsets, caption_extension: str) -> str:
+    """The quick check of every image folder and local dataset the run trains on (library/data/doctor_datasets.py)."""
+    from library.data.doctor_datasets import quick_check_subsets
 
     kinds: Counter = Counter()
     blocking = 0
-    for d in image_dirs:
-        report = quick_check(d, caption_extension)
+    for report in quick_check_subsets(subsets, caption_extension):
         kinds.update(f.kind for f in report.findings)
         blocking += len(report.blocking)
     if not kinds:
@@ -45,9 +45,12 @@ def dry_run(cfg: Any, method: Any, *, script: str) -> int:
     print(f"model: {cfg.model.pretrained_model_name_or_path} -> {FAMILIES[plan.family].label}; weights not read")
     data = build_train_data(plan.data, default_resolution=plan.native_resolution, seed=cfg.train.seed,
                             family=plan.family)
-    dirs = sorted({s.image_dir for s in data.index.subsets if s.image_dir})
-    print(f"data: {data.num_images} images in {len(dirs)} folder(s), {data.steps_per_epoch} batches per epoch")
-    print(quality_summary(dirs, plan.data.caption_extension))
+    subsets = data.index.subsets
+    dirs = {s.image_dir for s in subsets if s.image_dir and not (s.dataset_path or s.dataset_name)}
+    sets = {s.dataset_path or s.dataset_name for s in subsets if s.dataset_path or s.dataset_name}
+    where = f"{len(dirs)} folder(s)" + (f" and {len(sets)} dataset(s)" if sets else "")
+    print(f"data: {data.num_images} images in {where}, {data.steps_per_epoch} batches per epoch")
+    print(quality_summary(subsets, plan.data.caption_extension))
     steps = total_steps(cfg.train, data.steps_per_epoch)
     per_epoch = math.ceil(data.steps_per_epoch / cfg.train.gradient_accumulation_steps)
     print(f"steps: {per_epoch} optimizer steps per epoch, {steps} in total (~{steps / per_epoch:.1f} epochs)")

@@ -42,6 +42,7 @@ from library.training import state as st
 from library.training.conditioning import TextConditioner
 from library.training.ema import EMA
 from library.training.saving import USUAL_FIXES, TrainingStopped, save as _save
+from library.training.validation import validation_due, validation_loss
 from library.training.setup import (ManualSteps, configure_unet, effective_precision, make_accelerator, pick_device,
                                     weight_dtype)
 
@@ -55,6 +56,7 @@ class TrainResult:
     # seconds: wall; compute (whole steps); model (UNet forward + backward + optimizer step); save; sample
     timings: dict[str, float] = field(default_factory=dict)
     model: SDModel | None = None  # the trained model, as it is in memory after the run
+    validation: dict[int, float] = field(default_factory=dict)  # step -> held-out loss (data validation_split)
 
 
 @dataclass
@@ -102,7 +104,8 @@ class Trainer:
         self.out_dir = Path(s.save.output_dir)
         self.counters = st.Counters()
         self.losses: list[float] = []
-        self.timings = {"compute": 0.0, "model": 0.0, "save": 0.0, "sample": 0.0}
+        self.timings = {"compute": 0.0, "model": 0.0, "save": 0.0, "sample": 0.0, "validation": 0.0}
+        self.validation: dict[int, float] = {}
         self.consecutive_nan = 0
 
     # ------------------------------------------------------------------ set-up
@@ -196,7 +199,8 @@ class Trainer:
     def run(self) -> TrainResult:
         result_path = None
         if self.s.cache_text:
-            self.text.cache_all(sorted(set(self.data.fixed_captions()) | set(self.method.fixed_captions())))
+            self.text.cache_all(sorted(set(self.data.fixed_captions()) | set(self.method.fixed_captions())),
+                                cache_dir=getattr(self.data, "text_cache_dir", None), precision=self.precision)
         for m in self.modules:
             m.train()
         self.batches = _batch_stream(self.data)
@@ -219,7 +223,7 @@ class Trainer:
         self.timings["wall"] = time.perf_counter() - wall0
         self.accelerator.end_training()
         return TrainResult(self.counters.step, self.losses, result_path, self.counters.nan_steps, self.timings,
-                           self.model)
+                           self.model, self.validation)
 
     def train_step(self) -> bool | None:
         """One optimizer step over `gradient_accumulation_steps` batches. Returns whether the last batch ended its
@@ -319,6 +323,9 @@ class Trainer:
         """Log the step; save and sample when due (the final save and sample belong to `finish`)."""
         s, c = self.s, self.counters
         _log(self.writer, self.bar, s, c.step, self.step_loss, self.lr_scheduler.get_last_lr(), self.extra_logs)
+        if getattr(self.data, "validation", None) is not None and validation_due(
+                c.step, epoch_end, c.epoch, s.train.validate_every_n_steps, s.train.validate_every_n_epochs):
+            self.timed("validation", self.validate_now)
         if c.step >= self.steps_total:
             return
         if _due(c.step, s.save.save_every_n_steps, epoch_end, c.epoch, s.save.save_every_n_epochs):
@@ -347,6 +354,33 @@ class Trainer:
     def save_context(self, counters: st.Counters) -> SaveContext:
         """What a saved result is told about the run (library.training.saving calls it)."""
         return SaveContext(counters.step, counters.epoch, self.s.facts, self.method.data)
+
+    def validate_now(self) -> None:
+        """The held-out loss (library/training/validation.py: fixed timesteps and noise per sample), logged as
+        loss/validation beside loss/step. Every rank computes it (a ZeRO-3 forward needs all); the main one logs."""
+        step = self.counters.step
+
+        def denoise(batch, noisy, timesteps):
+            captions = self.method.prepare_captions(batch["captions"], 0)
+            cond = self.text.cond(captions, live=self.method.trains_text_encoder(step))
+            with self.autocast():
+                return predict(self.model, self.denoiser, noisy, timesteps, cond, batch)
+
+        for m in self.modules:
+            m.eval()
+        try:
+            with torch.no_grad():
+                r = validation_loss(self.data.validation.batches(self.s.train.max_validation_steps), denoise,
+                                    self.objective, seed=self.data.validation.seed,
+                                    encode=lambda px, g: _encode(self.model, px, g), device=self.device)
+        finally:
+            for m in self.modules:
+                m.train()
+        self.validation[step] = r.loss
+        if self.writer is not None:
+            self.writer.add_scalar("loss/validation", r.loss, step)
+            for t, v in r.per_timestep.items():
+                self.writer.add_scalar(f"loss/validation_t{t}", v, step)
 
     def sample_now(self, final: bool = False) -> None:
         with self.steps.full_weights():  # entered on every rank (ZeRO-3 gathers collectively); the main one samples
