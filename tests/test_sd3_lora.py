@@ -94,7 +94,7 @@ def test_sd_scripts_layout_fuses_qkv_exactly_and_round_trips(base):
     assert all(k.startswith("lora_unet_") for k in sd)
     name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
     down, up, alpha = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], sd[f"{name}.alpha"]
-    assert down.shape == (12, 16) and up.shape == (48, 12) and alpha.item() == 6.0
+    assert down.shape == (12, 64) and up.shape == (192, 12) and alpha.item() == 6.0
     fused_delta = up @ down * (alpha / down.shape[0])
     parts = {m.path: m for m in network.modules}
     deltas = []

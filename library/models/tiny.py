@@ -209,7 +209,7 @@ def _tiny_config_dir(model: SDModel, ref: TinyRef) -> Path:
 
     if model.family == "sd3":
         from library.models.sd3.save import write_configs_sd3 as write_configs
-    final = cache_dir() / "tiny" / f"v{TINY_VERSION}" / "configs" / ref.name
+    final = _cache_root(ref.family) / "configs" / ref.name
     if not (final / "model_index.json").is_file():
         staging = _staging(final)
         staging.mkdir(parents=True)
@@ -228,7 +228,7 @@ def resolve_model_ref(ref: str) -> Path:
     from library.models.save import save_diffusers
 
     tiny = parse_tiny_ref(ref)
-    final = cache_dir() / "tiny" / f"v{TINY_VERSION}" / tiny.name
+    final = _cache_root(tiny.family) / tiny.name
     if (final / "model_index.json").is_file():
         return final
     staging = _staging(final)
@@ -238,6 +238,15 @@ def resolve_model_ref(ref: str) -> Path:
     save_diffusers(model, staging, dtype=torch.float32)
     _publish(staging, final)
     return final
+
+
+def _cache_root(family: str) -> Path:
+    """Where built tiny models are kept: per TINY_VERSION, and for SD3 also per its own layout version."""
+    if family == "sd3":
+        from library.models.sd3.tiny import SD3_TINY_VERSION
+
+        return cache_dir() / "tiny" / f"v{TINY_VERSION}-sd3.{SD3_TINY_VERSION}"
+    return cache_dir() / "tiny" / f"v{TINY_VERSION}"
 
 
 def _staging(final: Path) -> Path:
