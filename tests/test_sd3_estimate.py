@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from library.config.network import NetworkConfig
 from library.estimate.memory import EstimateSpec

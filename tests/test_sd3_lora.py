@@ -102,7 +102,7 @@ def test_sd_scripts_layout_fuses_qkv_exactly_and_round_trips(base):
         layer = parts[f"transformer_blocks.0.attn.{p}"].layer
         deltas.append(layer.lora_B["sdtk"].weight @ layer.lora_A["sdtk"].weight * (2.0 / 4))
     assert torch.allclose(fused_delta, torch.cat(deltas), atol=1e-7, rtol=0)
-    assert f"lora_unet_joint_blocks_2_context_block_attn_qkv.lora_down.weight" in sd
+    assert "lora_unet_joint_blocks_2_context_block_attn_qkv.lora_down.weight" in sd
     assert "lora_unet_joint_blocks_1_x_block_mlp_fc2.alpha" in sd
     # Back into a fresh network: the same tensors.
     fresh_model, fresh = _trained(base, train_unet_only=True)
