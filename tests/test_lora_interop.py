@@ -229,7 +229,8 @@ def test_save_metadata_and_hashes(sd1_lora, tmp_path):
     md = metadata_for(family="sd2", v_prediction=True, network_module="locon", network_dim=4, network_alpha=2.0,
                       title="my lora", network_args={"conv_dim": 2, "conv_alpha": 1}, resolution=(768, 768),
                       steps=10, tag_frequency={"10_cat": {"cat": 3}}, datasets=[{"num_train_images": 3}],
-                      training_started_at=1700000000.0, config_text="[network]\nnetwork_dim = 4\n")
+                      training_started_at=1700000000.0, config_text="[network]\nnetwork_dim = 4\n",
+                      config_hash="0123456789abcdef")
     path = save_kohya(tmp_path / "x.safetensors", {k: v.half() for k, v in sd.items()}, md)
     tensors, meta = read_kohya(path)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
@@ -238,7 +239,8 @@ def test_save_metadata_and_hashes(sd1_lora, tmp_path):
     assert json.loads(meta["ss_tag_frequency"]) == {"10_cat": {"cat": 3}}
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert meta["modelspec.resolution"] == "768x768" and meta["modelspec.title"] == "my lora"
-    assert meta["sdtk_config_hash"] == hashlib.sha256(b"[network]\nnetwork_dim = 4\n").hexdigest()
+    assert meta["sdtk_config_hash"] == "0123456789abcdef"  # library.config.core.config_hash, given by the run
+    assert meta["sdtk_config"] == "[network]\nnetwork_dim = 4\n"
     # sshs_model_hash: sha256 of everything after the safetensors header (A1111 additional-networks)
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")

@@ -28,7 +28,6 @@ What is measured and what is modelled (see `Estimate.notes` for the run at hand)
 from __future__ import annotations
 
 import math
-import time
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,11 +39,11 @@ from torch.utils._pytree import tree_flatten
 
 from library.config.network import NetworkConfig
 from library.models.families import Family
+from library.precision import DTYPES, autocast_dtype
 
 Method = Literal["full", "lora", "ti", "hn"]
 Precision = Literal["no", "fp16", "bf16"]
 DTypeName = Literal["fp32", "fp16", "bf16"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # bitsandbytes: blockwise 8-bit state (blocksize 256, fp32 absmax per block) for tensors of >= 4096 elements.
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
@@ -82,7 +81,7 @@ class EstimateSpec:
     def frozen_dtype(self) -> torch.dtype:
         if self.weight_dtype is not None:
             return DTYPES[self.weight_dtype]
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
+        return autocast_dtype(self.mixed_precision)
 
     def trained_dtype(self) -> torch.dtype:
         if self.full_bf16:

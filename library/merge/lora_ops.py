@@ -27,6 +27,8 @@ from library.merge.stream import TE_PARTS, TensorSource, read_json
 from library.models.keymaps import UNET_PREFIX, unet_modules
 from library.models.model import SDModel
 from library.networks import kohya, lora_tools
+from library.precision import DTYPES
+from library.config.core import config_hash
 
 # Target: (single-file key, index of the q/k/v row block of a fused in_proj, or None for the whole tensor)
 Target = tuple[str, int | None]
@@ -176,8 +178,9 @@ def extract(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) -> Pat
             family=base.family, v_prediction=base.prediction_type == "v_prediction",
             network_module="locon" if ex.conv_rank else "lora", network_dim=ex.rank, network_alpha=float(ex.rank),
             network_args={"conv_dim": ex.conv_rank, "conv_alpha": ex.conv_rank} if ex.conv_rank else None,
-            title=Path(cfg.output.path).stem, base_model=base.name, config_text=recipe_text)
-        precision = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output.precision]
+            title=Path(cfg.output.path).stem, base_model=base.name, config_text=recipe_text,
+            config_hash=config_hash(cfg))
+        precision = DTYPES[cfg.output.precision]
         out = {k: v if k.endswith(".alpha") else v.to(precision) for k, v in out.items()}
         return kohya.save_kohya(Path(cfg.output.path).expanduser(), out, meta)
     finally:

@@ -10,7 +10,6 @@ buffers. Keys go in the order of model A's file, so the inputs are read and the 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shutil
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from library.config.core import config_hash
 from library.config.merge import NEEDS, TASK_MODES, MergeRecipe
 from library.errors import ConfigError, ModelFileError
 from library.fileio import atomic_path
@@ -31,8 +31,8 @@ from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, op
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
 from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
+from library.precision import DTYPES
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CHUNK = 1 << 22  # elements per float32 work chunk of an elementwise merge (16 MiB)
 
 # combine(key, float32 input tensors, optional float32 result buffer) -> merged tensor (float, same shape).
@@ -206,7 +206,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
     Reading, merging and writing overlap (pipeline.run_pipeline); `timings`, when given, receives each stage's busy
     seconds, the final fsync's and the wall time of the whole write."""
     t_start = time.perf_counter()
-    dtype = PRECISIONS[cfg.output.precision]
+    dtype = DTYPES[cfg.output.precision]
     a = sources[0]
     out_path = Path(cfg.output.path).expanduser()
     fmt = cfg.output.format
@@ -214,7 +214,7 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
         fmt = "single_file" if out_path.suffix.lower() == ".safetensors" else "diffusers"
     keys = read_order(a, keys)
     specs = {k: (_out_dtype(a.entries[k].dtype, dtype), a.entries[k].shape) for k in keys}  # written in read order
-    metadata = recipe_metadata(a, recipe_text, out_path.stem)
+    metadata = recipe_metadata(a, recipe_text, out_path.stem, config_hash(cfg))
     total = sum(_numel(a.entries[k].shape) for k in keys)
     bar = _progress(total, progress, f"merging {len(sources)} models")
     with atomic_path(out_path) as tmp:
@@ -277,11 +277,11 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def recipe_metadata(a: TensorSource, recipe_text: str, title: str) -> dict[str, str]:
+def recipe_metadata(a: TensorSource, recipe_text: str, title: str, recipe_hash: str) -> dict[str, str]:
     """Header metadata of a merged single file: the recipe (and its hash), prediction type, title and date."""
     return {
         "sdtk_merge_recipe": recipe_text,
-        "sdtk_config_hash": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest()[:16],
+        "sdtk_config_hash": recipe_hash,  # library.config.core.config_hash, as in every file we write
         "modelspec.prediction_type": "v" if a.prediction_type == "v_prediction" else "epsilon",
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -21,8 +21,6 @@ import torch
 
 from library.models.model import SDModel
 
-# save.save_precision / precision names -> dtype: the one table every writer uses.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ import torch
 from library.config.hypernetwork import HypernetworkConfig, HypernetworkRunConfig
 from library.config.optim import OptimizerConfig
 from library.errors import ConfigError
-from library.methods.base import DTYPES, Method, SaveContext
+from library.methods.base import Method, SaveContext
 from library.models.model import SDModel
 from library.networks.hypernetwork import (HypernetworkSpec, apply_hypernetwork, attention_widths, create_hypernetwork,
                                            parse_dropout_structure)
 from library.networks.hypernetwork_file import HypernetworkInfo, load_hypernetwork, save_hypernetwork
+from library.precision import DTYPES
 
 CONFIG_CLASS = HypernetworkRunConfig
 

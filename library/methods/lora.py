@@ -12,8 +12,9 @@ from library.config.fields import opt
 from library.config.network import NetworkConfig
 from library.config.optim import OptimizerConfig
 from library.config.run import RunConfig
-from library.methods.base import DTYPES, Method, SaveContext
+from library.methods.base import Method, SaveContext
 from library.models.model import SDModel
+from library.precision import DTYPES
 
 
 @dataclass
@@ -93,7 +94,7 @@ class LoraTraining(Method):
             num_train_images=ctx.data.num_train_images, learning_rate=o.learning_rate, unet_lr=o.unet_lr,
             text_encoder_lr=o.text_encoder_lr, training_started_at=run.started_at, training_finished_at=time.time(),
             seed=run.seed, clip_skip=run.clip_skip, tag_frequency=ctx.data.tag_frequency,
-            datasets=ctx.data.datasets, config_text=run.config_text,
+            datasets=ctx.data.datasets, config_text=run.config_text, config_hash=run.config_hash,
             extra={k: v for k, v in ctx.metadata().items() if k != "sdtk_config"})
         state = network_state_dict_kohya(model, self.network, dtype=DTYPES[self.save_precision])
         return save_kohya(stem.with_suffix(".safetensors"), state, md)

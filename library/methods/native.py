@@ -9,8 +9,9 @@ import torch
 from library.config.optim import OptimizerConfig
 from library.config.run import RunConfig
 from library.config.train import SaveConfig
-from library.methods.base import DTYPES, Method, SaveContext
+from library.methods.base import Method, SaveContext
 from library.models.model import SDModel
+from library.precision import DTYPES
 
 CONFIG_CLASS = RunConfig
 

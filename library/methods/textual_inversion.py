@@ -9,9 +9,10 @@ import torch
 
 from library.config.embedding import EmbeddingConfig, TextualInversionConfig
 from library.errors import ConfigError
-from library.methods.base import DTYPES, Method, SaveContext
+from library.methods.base import Method, SaveContext
 from library.models.model import SDModel
 from library.networks import embeddings as ti
+from library.precision import DTYPES
 
 CONFIG_CLASS = TextualInversionConfig
 

@@ -283,13 +283,15 @@ def metadata_for(
     tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
     datasets: list[dict] | None = None,
     config_text: str = "",
+    config_hash: str = "",
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """The `ss_*` + `modelspec.*` metadata of a LoRA, from explicit values (all strings, as safetensors needs).
 
     network_module: lora / locon / loha / lokr / dora. LoRA and LoCon are written as sd-scripts does
     ("networks.lora", conv settings in ss_network_args); LoHa / LoKr / DoRA as LyCORIS via sd-scripts does
-    ("lycoris.kohya" with algo in ss_network_args). config_text: the resolved TOML; its sha256 goes in sdtk_config_hash.
+    ("lycoris.kohya" with algo in ss_network_args). config_text: the resolved TOML; config_hash:
+    library.config.core.config_hash of that config (the one meaning of sdtk_config_hash in every file we write).
     """
     args = {k: str(v) for k, v in (network_args or {}).items()}
     match network_module:
@@ -342,7 +344,8 @@ def metadata_for(
         md["modelspec.encoder_layer"] = clip_skip
     if config_text:
         md["sdtk_config"] = config_text
-        md["sdtk_config_hash"] = hashlib.sha256(config_text.encode("utf-8")).hexdigest()
+    if config_hash:
+        md["sdtk_config_hash"] = config_hash
     if network_module == "dora":
         md["sdtk_dora_layout"] = DORA_NOTE
     md.update(extra or {})

@@ -13,6 +13,7 @@ import torch
 
 from library.errors import UserError
 from library.fileio import OutputWriteError, remove_atomic
+from library.precision import DTYPES
 from library.training import state as st
 
 
@@ -89,16 +90,13 @@ def _save_state(s, out_dir, counters, trainable, optimizer, lr_scheduler, ema, d
         keep_last=s.save.save_last_n)
 
 
-_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def overflowing_tensors(tensors: Mapping[str, torch.Tensor], precision: str) -> dict[str, float]:
     """name -> largest |value| of each tensor that is finite in its own dtype but not once cast to `precision`.
 
     The check runs on the cast tensor itself (finfo bounds miss the rounding at the edge: 65519 rounds to 65504
     in fp16, 65520 to inf), so what is reported is exactly what the file would hold.
     """
-    dtype = _PRECISIONS[precision]
+    dtype = DTYPES[precision]
     out: dict[str, float] = {}
     for name, t in tensors.items():
         if t.is_floating_point() and t.dtype != dtype and bool(torch.isfinite(t).all()) \
@@ -112,7 +110,7 @@ def overflow_message(over: Mapping[str, float], precision: str, step: int, last_
     worst = sorted(over.items(), key=lambda kv: -kv[1])
     named = ", ".join(f"{k} (max |x| = {v:.3g})" for k, v in worst[:3]) + (f" and {len(worst) - 3} more"
                                                                         if len(worst) > 3 else "")
-    limit = torch.finfo(_PRECISIONS[precision]).max
+    limit = torch.finfo(DTYPES[precision]).max
     kept = f"the last good result {last_result} is kept" if last_result else "no earlier result exists"
     resume = (f"; the weights themselves are fine and were saved in the resume state {states[-1]}: set "
               "save.save_precision = 'bf16' (or 'fp32') and resume with train.resume = 'auto'" if states else

@@ -127,4 +127,6 @@ def configure_unet(unet: torch.nn.Module, cfg: TrainConfig, device: torch.device
 
 def weight_dtype(precision: str) -> torch.dtype:
     """dtype for frozen weights: half precision when autocasting, else fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    from library.precision import autocast_dtype
+
+    return autocast_dtype(precision)
