@@ -1,12 +1,19 @@
-"""Start-up benchmark: wall seconds of a one-step LoRA run on the tiny model, process start to exit.
+"""Start-up benchmark: time and peak memory from process start to the end of the first optimizer step.
 
-    python bench/bench_start.py [--repeat 3]
+    python bench/bench_start.py [--repeat 3] [--baseline-tree DIR] [--full sd15,sdxl] [--skip-tiny]
 
-A fresh `python train_lora.py` for one step (cached latents of the 60 demo images, no samples, no resume state): the
-time a user waits before training starts, plus one 0.5 s step and the save. Compared, in the same run, with
-`python -c "import torch"` (the floor any PyTorch trainer pays) and with the same run when bitsandbytes is imported at
-start-up, as diffusers and peft do when library/lean.py does not block it. Medians of `--repeat` runs each.
-Writes bench/results/start.json.
+Tiny run (`tiny:sd15`, the issue 19 settings: LoRA rank 4, batch 2, 64 px, fp32 AdamW, no latent cache, one step),
+as a user starts it (`python train_lora.py ...`), interleaved `--repeat` times with `python -c "import torch"` (the
+floor any PyTorch trainer pays) and an empty interpreter, so machine load hits every variant alike; with
+`--baseline-tree` (a checkout of an older commit, e.g. `git worktree add /tmp/base <commit>`) the same run from
+that tree too, so before / after come from one run. Wall seconds, CPU seconds (user + system, less sensitive to
+other processes on a shared machine) and peak RSS of each child; medians.
+Then one instrumented tiny run: wall-clock phases (interpreter, imports, config, model build, weight read,
+tokenizer, data index, adapter, first step) and an `-X importtime` run summed by top-level package.
+`--full sd15[,sdxl]`: a full-size single file with random weights in the real layout (fp16: SD1.5 2.1 GB, SDXL
+6.9 GB; written once into the cache), time and peak RSS to the first step of the same LoRA run at 64 px, against
+diffusers' `from_single_file(path, config=<bundled config folder>)` + peft LoRA + the same step.
+Writes bench/results/start.json (with the load average before and after).
 """
 
 from __future__ import annotations
@@ -14,29 +21,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 CONFIG = """
 [model]
-pretrained_model_name_or_path = "tiny:sd15"
+pretrained_model_name_or_path = "{model}"
 [network]
-network_dim = 8
+network_dim = 4
+network_alpha = 4
 [data]
 train_data_dir = "demo:shapes"
 resolution = 64
-batch_size = 4
+batch_size = {batch}
 min_bucket_reso = 64
-max_bucket_reso = 128
-cache_latents = true
+max_bucket_reso = 64
+cache_latents = false
 num_workers = 0
 [train]
-cpu_threads = 1
 max_train_steps = 1
 [save]
 output_dir = "{out}"
@@ -45,49 +55,240 @@ save_state = false
 log_with = "none"
 progress_bar = false
 """
-RUN = "import runpy, sys; sys.argv = ['train_lora.py', '--config', {cfg!r}]; runpy.run_path('train_lora.py', run_name='__main__')"
-EAGER = "import library.lean; library.lean.UNUSED_AT_START = (); "  # what start-up was before library/lean.py
+ENV = {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+# The instrumented run: timestamps (seconds since the parent started the child) at each phase boundary, by
+# wrapping the functions that do each phase; the first optimizer step ends at torch's global step post-hook.
+PHASES = r"""
+import json, os, sys, time
+T0 = float(os.environ["BENCH_T0"]); marks = {"interpreter": time.time() - T0}; spans = {}
+def mark(name): marks.setdefault(name, time.time() - T0)
+import torch; mark("import torch")
+def timed(obj, attr, phase, first=None):
+    fn = getattr(obj, attr, None)
+    if fn is None:  # renamed since: that phase is simply not reported
+        return
+    def wrapper(*a, **k):
+        t = time.time()
+        if first:
+            mark(first)
+        try:
+            return fn(*a, **k)
+        finally:
+            spans[phase] = spans.get(phase, 0.0) + time.time() - t
+    setattr(obj, attr, wrapper)
+sys.path.insert(0, os.getcwd())
+import library.config.cli as cli, library.models.load as load, library.models.meta_load as ml
+import library.data.loader as loader, library.networks.lora as lora
+timed(cli, "parse_cli", "config"); timed(load, "_component_class", "imports: model classes")
+timed(ml, "empty", "model build (meta)"); timed(ml, "read_safetensors", "weight read")
+timed(ml, "assign_weights", "weight assign"); timed(load, "load_tokenizers", "tokenizer")
+timed(loader, "build_train_data", "data index"); timed(lora, "inject_network", "adapter inject")
+timed(load, "load_model", "load_model total")
+import library.training.setup as setup, library.models.text as text
+timed(setup, "make_accelerator", "accelerator"); timed(text, "unet_forward", "first step: UNet forward", "first step starts")
+def first_step(opt, args, kwargs):
+    mark("first step done")
+    print("BENCH " + json.dumps({"marks": marks, "spans": spans}), file=sys.stderr, flush=True)
+    os._exit(0)
+from torch.optim.optimizer import register_optimizer_step_post_hook; register_optimizer_step_post_hook(first_step)
+mark("library imported")
+import runpy; sys.argv = ["train_lora.py", "--config", sys.argv[1]]; runpy.run_path("train_lora.py", run_name="__main__")
+"""
+
+# diffusers' own path to the same first step: from_single_file with the bundled config folder, peft LoRA on the
+# UNet's attention projections (what diffusers' train_text_to_image_lora.py targets), one AdamW step on one 64 px
+# image (VAE encode, text encode, DDPM noise, UNet, MSE).
+DIFFUSERS_STEP = r"""
+import sys, time, torch
+from diffusers import DDPMScheduler, {pipe}
+from peft import LoraConfig
+torch.manual_seed(0)
+pipe = {pipe}.from_single_file(sys.argv[1], config=sys.argv[2], local_files_only=True, torch_dtype=torch.float32)
+unet, vae = pipe.unet, pipe.vae
+for m in (unet, vae, pipe.text_encoder, *([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])):
+    m.requires_grad_(False)
+unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+params = [p for p in unet.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4)
+sched = DDPMScheduler.from_config(pipe.scheduler.config)
+image = torch.rand(1, 3, 64, 64) * 2 - 1
+with torch.no_grad():
+    latents = vae.encode(image).latent_dist.sample() * vae.config.scaling_factor
+    if hasattr(pipe, "text_encoder_2"):
+        emb, _, pooled, _ = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1,
+                                               do_classifier_free_guidance=False)
+        extra = dict(added_cond_kwargs={{"text_embeds": pooled, "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}})
+    else:
+        emb = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
+        extra = {{}}
+noise = torch.randn_like(latents); t = torch.tensor([500])
+pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb, **extra).sample
+torch.nn.functional.mse_loss(pred, noise).backward(); opt.step()
+"""
 
 
-def timed(code: str) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# The loader alone as it is meant to be called (library/models/load.py `dtype=None`: weights as stored): the memory a
+# fp16 run pays for the model, the figure to hold against the file size.
+LOAD_ONLY_NAME = "toolkit load_model(dtype=None) only"
+LOAD_ONLY = """
+import sys; sys.path.insert(0, ".")
+from library.lean import block_unused; block_unused()
+from library.config.model import ModelConfig
+from library.models.load import load_model
+load_model(ModelConfig(pretrained_model_name_or_path=sys.argv[1]), dtype=None)
+"""
+
+
+def child(args: list[str], cwd: Path = REPO, env: dict | None = None) -> tuple[float, float, float, str]:
+    """(wall s, CPU s, peak RSS MiB, stderr) of one child process."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **ENV, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"benchmark child failed ({' '.join(args)[:200]}):\n{err[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, err
+
+
+def write_config(tmp: Path, name: str, model: str, batch: int = 2) -> Path:
+    cfg = tmp / f"{name}.toml"
+    cfg.write_text(CONFIG.format(model=model, out=tmp / f"out-{name}", batch=batch))
+    return cfg
+
+
+def summarise(samples: list[tuple[float, float, float, str]]) -> dict:
+    return {"wall_s": round(statistics.median(s[0] for s in samples), 2),
+            "cpu_s": round(statistics.median(s[1] for s in samples), 2),
+            "peak_rss_mib": round(statistics.median(s[2] for s in samples)),
+            "wall_all": [round(s[0], 2) for s in samples]}
+
+
+def tiny(tmp: Path, repeat: int, baseline: Path | None) -> dict:
+    cfg = write_config(tmp, "tiny", "tiny:sd15")
+    run = [sys.executable, "train_lora.py", "--config", str(cfg)]
+    variants = {"interpreter": ([sys.executable, "-c", "pass"], REPO), "import torch": (
+        [sys.executable, "-c", "import torch"], REPO), "tiny run": (run, REPO)}
+    if baseline is not None:
+        variants["tiny run, baseline tree"] = (run, baseline)
+    for args, cwd in variants.values():
+        if args is run:
+            child(args, cwd)  # warm the page cache and the tiny-model / demo-data caches
+    samples: dict[str, list] = {name: [] for name in variants}
+    for _ in range(repeat):
+        for name, (args, cwd) in variants.items():
+            samples[name].append(child(args, cwd))
+    out = {name: summarise(s) for name, s in samples.items()}
+    torch_s = out["import torch"]
+    for name in [n for n in out if n.startswith("tiny run")]:
+        out[name]["over_import_torch_wall"] = round(out[name]["wall_s"] / torch_s["wall_s"], 2)
+        out[name]["over_import_torch_cpu"] = round(out[name]["cpu_s"] / torch_s["cpu_s"], 2)
+    return out
+
+
+def phases(tmp: Path) -> dict:
+    cfg = write_config(tmp, "phases", "tiny:sd15")
+    *_, err = child([sys.executable, "-c", PHASES, str(cfg)], env={"BENCH_T0": repr(time.time())})
+    line = next(ln for ln in err.splitlines() if ln.startswith("BENCH "))
+    data = json.loads(line[6:])
+    data["marks"] = {k: round(v, 3) for k, v in data["marks"].items()}
+    data["spans"] = {k: round(v, 3) for k, v in data["spans"].items()}
+    *_, err = child([sys.executable, "-X", "importtime", "train_lora.py", "--config", str(cfg)])
+    by_package: Counter = Counter()
+    for m in re.finditer(r"import time:\s+(\d+) \|\s+\d+ \|\s*([\w.]+)", err):
+        by_package[m[2].split(".")[0]] += int(m[1])
+    data["importtime_self_s_by_package"] = {k: round(v / 1e6, 3) for k, v in by_package.most_common(15)}
+    data["importtime_total_s"] = round(sum(by_package.values()) / 1e6, 2)
+    return data
+
+
+def full_size_file(kind: str) -> Path:
+    """A single file with the released layout and random fp16 weights, scaled as a fresh init would be (so the
+    first step stays finite), written once into the cache."""
+    from library.paths import cache_dir
+
+    path = cache_dir() / "bench" / f"{kind}-random-fp16.safetensors"
+    if path.is_file():
+        return path
+    family = {"sd15": "sd1", "sdxl": "sdxl"}[kind]
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from library.config.model import ModelConfig
+from library.models.configs import bundled_config_dir
+from library.models.single_file import _build_empty, save_single_file
+from library.models.model import SDModel
+family = {family!r}
+cfg_dir = bundled_config_dir({kind!r})
+unet, vae, tes, toks = _build_empty(cfg_dir, family, cfg_dir)
+g = torch.Generator().manual_seed(0)
+for module in (unet, vae, *tes):
+    for name, p in list(module.named_parameters()):
+        if p.dim() >= 2:
+            t = torch.randn(p.shape, generator=g, dtype=torch.float16) * (p[0].numel() ** -0.5)
+        else:
+            t = (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=torch.float16)
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
+model = SDModel(family=family, prediction_type="epsilon", unet=unet, vae=vae, text_encoders=tes, tokenizers=toks,
+                scheduler_config={{}}, source="bench", config_dir=cfg_dir)
+save_single_file(model, {str(path)!r}, dtype=torch.float16)
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    child([sys.executable, "-c", code])
+    return path
+
+
+def full(tmp: Path, kinds: list[str], repeat: int) -> dict:
+    from library.models.configs import bundled_config_dir
+
+    out = {}
+    for kind in kinds:
+        path = full_size_file(kind)
+        cfg = write_config(tmp, f"full-{kind}", str(path), batch=1)
+        pipe = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
+        ours = [sys.executable, "train_lora.py", "--config", str(cfg)]
+        theirs = [sys.executable, "-c", DIFFUSERS_STEP.format(pipe=pipe), str(path), str(bundled_config_dir(kind))]
+        load_only = [sys.executable, "-c", LOAD_ONLY, str(path)]
+        samples: dict[str, list] = {"toolkit": [], "diffusers from_single_file": [], LOAD_ONLY_NAME: []}
+        for _ in range(repeat):
+            samples["toolkit"].append(child(ours))
+            samples["diffusers from_single_file"].append(child(theirs))
+            samples[LOAD_ONLY_NAME].append(child(load_only))
+        size_mib = path.stat().st_size / 2**20
+        res = {name: summarise(s) for name, s in samples.items()}
+        for r in res.values():
+            r["peak_rss_over_file"] = round(r["peak_rss_mib"] / size_mib, 2)
+        out[kind] = {"file_mib": round(size_mib), **res,
+                     "toolkit_over_diffusers_wall": round(res["toolkit"]["wall_s"]
+                                                          / res["diffusers from_single_file"]["wall_s"], 2)}
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline-tree", type=Path, default=None, help="an older checkout to run the tiny run from")
+    ap.add_argument("--full", default="", help="comma-separated: sd15, sdxl (full-size single files)")
+    ap.add_argument("--full-repeat", type=int, default=1)
+    ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "run.toml"
-        cfg.write_text(CONFIG.format(out=Path(tmp) / "out"))
-        run = RUN.format(cfg=str(cfg))
-        variants = {"import torch": "import torch", "one-step run": run,
-                    "one-step run, bitsandbytes imported at start": EAGER + run}
-        timed(run)  # warm the page cache and the tiny-model cache
-        times = {name: [] for name in variants}
-        for _ in range(args.repeat):  # interleaved, so a change in machine load hits every variant alike
-            for name, code in variants.items():
-                times[name].append(timed(code))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    result = {
-        "cpus": os.cpu_count(), "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
-        "repeat": args.repeat, "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
-        "median_seconds": {k: round(v, 2) for k, v in med.items()},
-        "run_over_import_torch": round(med["one-step run"] / med["import torch"], 2),
-        "eager_bitsandbytes_over_lean": round(med["one-step run, bitsandbytes imported at start"]
-                                              / med["one-step run"], 3),
-    }
-    for name, v in med.items():
-        print(f"{name:<48} {v:6.2f} s")
-    print(f"one-step run / import torch: {result['run_over_import_torch']}x; "
-          f"with bitsandbytes at start: {result['eager_bitsandbytes_over_lean']}x the lean start")
+    result: dict = {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()],
+                    "repeat": args.repeat}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if not args.skip_tiny:
+            result["tiny"] = tiny(tmp, args.repeat, args.baseline_tree)
+            result["phases"] = phases(tmp)
+        if args.full:
+            result["full"] = full(tmp, [k for k in args.full.split(",") if k], args.full_repeat)
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result, indent=1))
     out = REPO / "bench" / "results" / "start.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
