@@ -267,6 +267,13 @@ def full(tmp: Path, kinds: list[str], repeat: int) -> dict:
     return out
 
 
+def _commit(tree: Path) -> str:
+    proc = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return proc.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
@@ -276,7 +283,9 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args()
     result: dict = {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()],
-                    "repeat": args.repeat}
+                    "repeat": args.repeat, "commit": _commit(REPO)}
+    if args.baseline_tree is not None:
+        result["baseline_commit"] = _commit(args.baseline_tree)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_tiny:
