@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from library.captioning.captioners import batches, empty_reason, load_captioners
 from library.captioning.files import levels_of
 from library.captioning.images import on_white
-from library.captioning.run import batches, empty_reason, load_captioners
 from library.config.caption import CaptionConfig
 from library.errors import DataError
 from library.fileio import atomic_path, write_text_atomic

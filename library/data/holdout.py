@@ -25,6 +25,7 @@ import torch
 
 from library.data import buckets as bk
 from library.data.captions import CaptionOptions, choose_caption, transform_caption
+from library.data.collate import Collate
 from library.data.images import BadImage, prepare_image
 from library.errors import ConfigError, DataError
 
@@ -89,8 +90,6 @@ class ValidationData:
     """The validation images as fixed batches (dicts as the training batches, plus `sample_ids` [B])."""
 
     def __init__(self, index, options: list[CaptionOptions], seed: int, store):
-        from library.data.loader import Collate
-
         self.index, self.store, self.seed = index, store, seed
         self.collate = Collate(any(s.alpha_mask for s in index.subsets))
         self.captions_of = []

@@ -27,6 +27,7 @@ from library.config.data import DataConfig
 from library.data import buckets as bk
 from library.data.cache import CacheRequest, LatentStore, build_latent_store
 from library.data.captions import CaptionOptions, choose_caption, pick_caption_line, transform_caption
+from library.data.collate import Collate
 from library.data.dataset import (DataIndex, caption_options, dataset_specs, index_datasets, load_item_image,
                                   load_synonyms, subset_tag_frequency)
 from library.data.images import BadImage, prepare_image
@@ -107,32 +108,6 @@ class SampleDataset(torch.utils.data.Dataset):
         sample.update(original_size=(h, w), crop_top_left=(crop[1], left), target_size=(pl.bucket[1], pl.bucket[0]),
                       loss_weight=self.prior_loss_weight if it.is_reg else 1.0, is_reg=it.is_reg)
         return sample
-
-
-class Collate:
-    """Stack samples into the batch dict (a class, so DataLoader workers can pickle it)."""
-
-    def __init__(self, use_masks: bool):
-        self.use_masks = use_masks
-
-    def __call__(self, samples: list[dict]) -> dict:
-        image_key = "latents" if "latents" in samples[0] else "pixels"
-        batch = {
-            image_key: torch.stack([s[image_key] for s in samples]),
-            "captions": [s["caption"] for s in samples],
-            "original_sizes": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
-            "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
-            "target_sizes": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
-            "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
-            "is_reg": torch.tensor([s["is_reg"] for s in samples], dtype=torch.bool),
-            "masks": None,
-        }
-        if self.use_masks:
-            h, w = batch[image_key].shape[-2:]
-            if image_key == "pixels":
-                h, w = h // 8, w // 8
-            batch["masks"] = torch.stack([s["mask"] if s["mask"] is not None else torch.ones(1, h, w) for s in samples])
-        return batch
 
 
 class _EpochBatches:

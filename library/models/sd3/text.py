@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from library.models.cond import TextCond
 from library.models.model import SDModel
 
 DEFAULT_T5_TOKENS = 256
@@ -34,8 +35,6 @@ def tokenize_sd3(model: SDModel, captions: list[str]) -> list[torch.Tensor]:
 
 
 def encode_text_sd3(model: SDModel, token_ids: list[torch.Tensor], clip_skip: int = 1):
-    from library.models.text import TextCond
-
     if len(token_ids) != len(model.text_encoders):
         raise ValueError(f"{len(token_ids)} token tensors for {len(model.text_encoders)} text encoders")
     hiddens, pooled = [], []
