@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth: teach a subject ("sks dog") to an SD1.x / SD2.x / SDXL model, with prior preservation, several concepts.
+"""DreamBooth: teach a subject ("sks dog") to an SD1.x / SD2.x / SDXL / SD3 model, with prior preservation, several
+concepts.
 
     python train_dreambooth.py --config configs/quickstart_dreambooth.toml
     python train_dreambooth.py --config configs/sd15_dreambooth.toml --dreambooth.mode=lora

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Train an AUTOMATIC1111-style hypernetwork (SD1.x, SD2.x and SDXL); the base model stays untouched.
+Does not apply to SD3 / SD3.5 (the format hooks UNet cross-attention, which MMDiT has not): refused before loading.
 
     python train_hypernetwork.py --config configs/quickstart_hypernetwork.toml
     python train_hypernetwork.py --config my.toml --learning_rate 5e-6 --max_train_steps 4000

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Full fine-tune of the UNet (optionally the text encoder(s)) of an SD1.x / SD2.x / SDXL model.
+"""Full fine-tune of the UNet (optionally the text encoder(s)) of an SD1.x / SD2.x / SDXL model, or of the MMDiT
+transformer of an SD3 / SD3.5 model.
 
     python train_native.py --config configs/quickstart_native.toml
     python train_native.py --config my.toml --learning_rate 1e-6 --max_train_steps 2000

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Textual inversion: train a new token's embedding vectors (SD1.x / SD2.x / SDXL), everything else frozen.
+Does not apply to SD3 / SD3.5 (no embedding format is defined for its three text encoders): refused before loading.
 
     python train_textual_inversion.py --config configs/quickstart_textual_inversion.toml
     python train_textual_inversion.py --config my.toml --token_string "<my-cat>" --init_word cat

@@ -97,6 +97,10 @@ class NetworkConfig:
     loraplus_text_encoder_lr_ratio: float = opt(0.0, "LoRA+ ratio for the text encoder(s) only; 0 = loraplus_lr_ratio")
     scale_weight_norms: float = opt(0.0, "max-norm: rescale each adapter so |delta W| <= this after each step; 0 = off")
     network_weights: str = opt("", "a kohya-format LoRA file to start from (same module, ranks and family)")
+    sd3_layout: Literal["diffusers", "sd_scripts"] = opt(
+        "diffusers", "SD3 LoRA file layout: 'diffusers' (transformer.transformer_blocks.N..., read by diffusers' "
+        "load_lora_weights and ComfyUI) or 'sd_scripts' (lora_unet_joint_blocks_N_..., fused qkv; ComfyUI, sd-scripts)")
+    train_t5xxl: bool = opt(False, "SD3: adapt the T5-XXL text encoder too (sd-scripts train_t5xxl; large, off)")
 
     @property
     def module(self) -> str:

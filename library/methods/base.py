@@ -70,6 +70,8 @@ class Method(abc.ABC):
     """Base class: four abstract hooks every method fills, and defaults for the optional ones."""
 
     name = "base"
+    # Model families the method applies to; the run plan refuses others before loading (e.g. no TI for SD3).
+    families: tuple[str, ...] = ("sd1", "sd2", "sdxl", "sd3")
 
     @abc.abstractmethod
     def setup(self, model: SDModel) -> list[dict[str, Any]]:

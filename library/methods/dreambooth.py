@@ -105,6 +105,10 @@ class DreamBooth(Method):
 
     # -------------------------------------------------------------------- everything else is the inner method's
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        return self.inner.families
+
     def setup(self, model: SDModel) -> list[dict]:
         return self.inner.setup(model)
 

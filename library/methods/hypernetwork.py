@@ -25,6 +25,7 @@ class HypernetworkTraining(Method):
     """Only the hypernetwork's (k, v) modules train; UNet, VAE and text encoder(s) are frozen and unchanged."""
 
     name = "hypernetwork"
+    families = ("sd1", "sd2", "sdxl")  # A1111's format hooks UNet cross-attention; SD3's MMDiT has none
 
     def __init__(self, hypernetwork: HypernetworkConfig, optimizer: OptimizerConfig, save_precision: str = "fp32"):
         self.h, self.optimizer, self.save_precision = hypernetwork, optimizer, save_precision

@@ -41,9 +41,11 @@ class LoraTraining(Method):
             module.requires_grad_(False)
         self.network = inject_network(model, self.network_cfg)
         if self.network_cfg.network_weights:  # continue a file: strict, same modules and ranks
-            from library.networks.kohya import load_kohya_file_into
-
-            load_kohya_file_into(model, self.network, self.network_cfg.network_weights)
+            if model.family == "sd3":
+                from library.networks.sd3_keys import load_sd3_file_into as load_file
+            else:
+                from library.networks.kohya import load_kohya_file_into as load_file
+            load_file(model, self.network, self.network_cfg.network_weights)
         for p in self.network.parameters():
             p.requires_grad_(True)
         o = self.optimizer
@@ -87,7 +89,9 @@ class LoraTraining(Method):
 
         net, o, run = self.network_cfg, self.optimizer, ctx.run
         md = metadata_for(
-            family=model.family, v_prediction=model.prediction_type == "v_prediction", network_module=net.module,
+            # SD3's family-specific ss_* / modelspec fields are metadata_sd3's (below); the rest is shared
+            family="sdxl" if model.family == "sd3" else model.family,
+            v_prediction=model.prediction_type == "v_prediction", network_module=net.module,
             network_dim=net.network_dim, network_alpha=net.network_alpha, title=run.output_name,
             network_args={"conv_dim": net.conv_dim, "conv_alpha": net.conv_alpha} if net.conv_dim else None,
             base_model=run.base_model, resolution=run.resolution, steps=ctx.step, epochs=ctx.epoch,
@@ -96,6 +100,15 @@ class LoraTraining(Method):
             seed=run.seed, clip_skip=run.clip_skip, tag_frequency=ctx.data.tag_frequency,
             datasets=ctx.data.datasets, config_text=run.config_text, config_hash=run.config_hash,
             extra={k: v for k, v in ctx.metadata().items() if k != "sdtk_config"})
+        if model.family == "sd3":  # diffusers / peft layout (default) or sd-scripts' (network.sd3_layout)
+            from library.networks import sd3_keys
+
+            layout = net.sd3_layout
+            state = sd3_keys.state_dict_sd3(model, self.network, layout, DTYPES[self.save_precision])
+            md = {**{k: v for k, v in md.items() if not k.startswith(("ss_v2", "ss_v_param", "modelspec.impl"))},
+                  **sd3_keys.metadata_sd3(model, self.network, layout), "modelspec.prediction_type": "flow",
+                  "modelspec.implementation": "diffusers"}
+            return sd3_keys.save_sd3_lora(stem.with_suffix(".safetensors"), state, md)
         state = network_state_dict_kohya(model, self.network, dtype=DTYPES[self.save_precision])
         return save_kohya(stem.with_suffix(".safetensors"), state, md)
 

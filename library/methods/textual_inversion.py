@@ -21,6 +21,7 @@ class TextualInversion(Method):
     """Adds `embedding.token_string` to every tokenizer / text encoder; only its rows train (see ti.RowGuard)."""
 
     name = "textual_inversion"
+    families = ("sd1", "sd2", "sdxl")  # A1111 / ComfyUI embeddings are CLIP-token files; none is defined for SD3
 
     def __init__(self, embedding: EmbeddingConfig, learning_rate: float, save_precision: str = "fp32"):
         self.embedding, self.learning_rate, self.save_precision = embedding, learning_rate, save_precision

@@ -31,6 +31,11 @@ def peek_model(model_cfg) -> ModelPeek:
     from library.models.configs import bundled_config_for
     from library.models.tiny import parse_tiny_ref, resolve_model_ref
 
+    from library.models.sd3.peek import peek_sd3
+
+    sd3 = peek_sd3(model_cfg)  # SD3 / SD3.5 folders, single files and tiny:sd3 (their own configs and key names)
+    if sd3 is not None:
+        return ModelPeek(*sd3)
     ref = model_cfg.pretrained_model_name_or_path.strip()
     forced_family, forced_pred = model_cfg.resolved_family(), model_cfg.resolved_prediction_type()
     if ref.startswith("tiny:"):

@@ -54,6 +54,12 @@ def make_plan(cfg: Any, method: Method, *, script: str, dry_run: bool = False, p
     from library.data.dataset import dataset_specs
 
     peek = peek or peek_model(cfg.model)
+    if peek.family not in method.families:
+        from library.models.families import FAMILIES
+
+        raise ConfigError(f"{script}: {method.name.replace('_', ' ')} does not apply to {FAMILIES[peek.family].label} "
+                          f"({cfg.model.pretrained_model_name_or_path}); it trains "
+                          f"{', '.join(FAMILIES[f].label for f in method.families)} models")
     if peek.prediction_type is not None:
         check_prediction_compat(cfg.noise, peek.prediction_type, cfg.loss)
     native = peek.native_resolution
