@@ -21,12 +21,7 @@ make_clip_vocab = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_clip_vocab)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: a second thread only adds contention for tiny ops
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def _json(path):
@@ -231,8 +226,23 @@ def test_library_tiny_writes_folders_diffusers_pipelines_load(tmp_path, capsys):
         assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
 
 
+def test_library_tiny_writes_an_sd3_folder_diffusers_loads(tmp_path, capsys):
+    from diffusers import StableDiffusion3Pipeline
+
+    from library.tiny import main
+
+    assert main(["--family", "sd3", "--seed", "3", "--out", str(tmp_path / "sd3")]) == 0
+    assert "wrote tiny sd3 model (flow, seed 3)" in capsys.readouterr().out
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert _same(pipe.transformer, build_tiny("sd3", seed=3).unet)
+    image = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                 max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
+
+
 def test_library_tiny_rejects_an_unknown_family(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "library.tiny", "--family", "sd3", "--out", str(tmp_path / "x")],
+    run = subprocess.run([sys.executable, "-m", "library.tiny", "--family", "sd4", "--out", str(tmp_path / "x")],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "invalid choice" in run.stderr
 
