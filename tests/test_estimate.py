@@ -189,11 +189,9 @@ def _real_peaks(spec: EstimateSpec) -> tuple[int, int]:
     return live.peak, resident_bytes + allocator.peak
 
 
-@pytest.fixture(scope="module")
-def tiny_sd1_configs():
-    from library.models.tiny import build_tiny
-
-    return build_tiny("sd1").config_dir
+@pytest.fixture
+def tiny_sd1_configs(tiny_sd1):
+    return tiny_sd1.config_dir
 
 
 def test_fake_estimate_matches_real_allocation_within_1_percent(tiny_sd1_configs):

@@ -21,13 +21,7 @@ from library.networks.lora import adapter_params, inject_network, param_groups
 REFS = {"sd1": "tiny:sd15", "sdxl": "tiny:sdxl"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine ran ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def perturb(network, seed: int = 0, scale: float = 0.1) -> None:

@@ -15,23 +15,12 @@ from library.networks.lora import (NUM_BLOCKS, adapter_params, apply_max_norm, b
                                    inject_network, lr_weight_list, param_groups, plan_ranks)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd1():
-    from library.models.tiny import build_tiny
-
-    return build_tiny("sd1")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 @pytest.fixture
 def sd1(tiny_sd1):
+    """A copy of the session's shared tiny SD1 model (tests/conftest.py), which these tests change."""
     return copy.deepcopy(tiny_sd1)
 
 

@@ -17,12 +17,7 @@ from library.models.text import encode_text, tokenize, unet_forward, sdxl_time_i
 from library.models.tiny import build_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: a second thread only adds contention for tiny ops
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def _json(path):

@@ -9,11 +9,9 @@ from library.estimate.memory import EstimateSpec
 from library.estimate.step import measure
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from library.models.tiny import build_tiny
-
-    return build_tiny("sd3")
+@pytest.fixture
+def tiny(tiny_sd3):
+    return tiny_sd3  # the session's shared model (tests/conftest.py); the LoRA test injects into a copy
 
 
 @pytest.mark.parametrize("cached", [False, True])

@@ -53,13 +53,6 @@ def test_variant_rule_matches_the_bundled_configs():
     assert facts.context_dims == (768, 1280, 4096) and facts.denoiser == "transformer"
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3():
-    from library.models.tiny import build_tiny
-
-    return build_tiny("sd3")
-
-
 def test_tiny_sd3_is_seeded_and_leaves_the_global_rng(tiny_sd3):
     from library.models.tiny import build_tiny
 

@@ -4,23 +4,16 @@ import pytest
 import torch
 
 from library.models.text import TextCond, encode_text, sdxl_time_ids, tokenize, unet_forward
-from library.models.tiny import build_tiny
 
 CAPTIONS = ["a photo of a cat", "an oil painting of a lighthouse at dusk, dramatic sky"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: a second intra-op thread only adds contention (measured 10-30x slower) for these tiny ops.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {f: build_tiny(f) for f in ("sd1", "sd2", "sdxl")}
+def models(tiny_models):
+    return {f: tiny_models(f) for f in ("sd1", "sd2", "sdxl")}
 
 
 def _sd_pipeline(model):

@@ -15,9 +15,9 @@ from library.models.tiny import build_tiny
 CAPTIONS = ["a red square", "a blue circle", "a green triangle", "a red square"]
 
 
-@pytest.fixture(scope="module")
-def sd1():
-    return build_tiny("sd1")
+@pytest.fixture
+def sd1(tiny_sd1):
+    return tiny_sd1  # the session's shared model (tests/conftest.py); only read here
 
 
 class Encoder:
