@@ -182,6 +182,40 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def full_size_meta():
+    """{"sd15" | "sd21" | "sdxl": SDModel}: the released architectures at full size on the meta device (no memory,
+    no weights), built from the bundled config folders once per session; read-only, and checked at the session's end
+    to have the same modules and trainable tensors (their values cannot change: there are none)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.models.configs import bundled_config_dir
+    from library.models.model import SDModel
+
+    def build(name: str, family: str) -> SDModel:
+        d = bundled_config_dir(name)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d / "vae"))
+            tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(d / "text_encoder"))]
+            if family == "sdxl":
+                tes.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(d / "text_encoder_2")))
+        return SDModel(family, "epsilon", unet, vae, tes, [], {}, f"meta:{name}", d)
+
+    def shape(model) -> tuple:
+        return tuple((tuple(n for n, _ in part.named_modules()),
+                      tuple((n, tuple(p.shape), p.requires_grad) for n, p in part.named_parameters()))
+                     for part in (model.unet, model.vae, *model.text_encoders))
+
+    models = {name: build(name, family) for name, family in (("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl"))}
+    before = {name: shape(m) for name, m in models.items()}
+    yield models
+    changed = [name for name, m in models.items() if shape(m) != before[name]]
+    assert not changed, f"a test changed the shared full-size meta model(s) {changed}: build its own instead"
+
+
+@pytest.fixture(scope="session")
 def tiny_sd1(tiny_models):
     """The shared tiny SD1 model (build_tiny("sd1")); read-only, see tiny_models."""
     return tiny_models("sd1")

@@ -24,30 +24,10 @@ RELEASED = {
     "sd21": {"unet": 686, "vae": 248, "text_encoder": 294, "total": 1228},
     "sdxl": {"unet": 1680, "vae": 248, "text_encoder": 197, "text_encoder_2": 390, "total": 2515},
 }
-FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
-
-
-def _meta_model(name: str):
-    """A full-size SDModel-like bundle on the meta device, built from the bundled config folder."""
-    from types import SimpleNamespace
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    d = bundled_config_dir(name)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d / "vae"))
-        tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(d / "text_encoder"))]
-        if name == "sdxl":
-            tes.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(d / "text_encoder_2")))
-    return SimpleNamespace(family=FAMILY[name], unet=unet, vae=vae, text_encoders=tes, prediction_type="epsilon",
-                           extra={})
-
-
-@pytest.fixture(scope="module")
-def full():
-    return {name: _meta_model(name) for name in RELEASED}
+@pytest.fixture
+def full(full_size_meta):
+    """The full-size models on the meta device, shared by the session (tests/conftest.py); only read here."""
+    return full_size_meta
 
 
 @pytest.mark.parametrize("name", list(RELEASED))

@@ -46,9 +46,10 @@ def counts(names: list[str]) -> dict[str, int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def meta_models():
-    return {name: meta_model(name, family) for name, family in [("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl")]}
+@pytest.fixture
+def meta_models(full_size_meta):
+    """The full-size models on the meta device, shared by the session (tests/conftest.py); only planned on here."""
+    return full_size_meta
 
 
 @pytest.mark.parametrize(
