@@ -13,43 +13,29 @@ PredictionType = Literal["epsilon", "v_prediction", "flow"]
 
 @dataclass(frozen=True)
 class FamilyFacts:
+    """What the code reads per family; everything else a family is comes from its model's own configs."""
+
     name: Family
     resolution: int  # largest native training side of the family in pixels; a model's own: native_resolution()
-    context_dims: tuple[int, ...]  # hidden size of each text encoder, in order
-    bucket_step: int  # default bucket side step (sd-scripts: 64)
-    ss_base_model_version: str  # kohya `ss_base_model_version` for epsilon models
+    ss_base_model_version: str  # kohya `ss_base_model_version` for epsilon models (SD3: per variant, SD3_VARIANTS)
     label: str
-    # Flow-matching transformers (SD3 today; Flux, SANA, ... next) differ from the UNet families in the facts
-    # below; the defaults are the SD1/SD2/SDXL values, so those entries need not name them.
+    # Flow-matching transformers (SD3 today; Flux, SANA, ... next) keep their denoiser in another diffusers
+    # subfolder; the default is the UNet families'.
     denoiser: str = "unet"  # diffusers subfolder of the denoiser: "unet" (UNet2DConditionModel) or "transformer"
-    latent_channels: int = 4
-    vae_shift_factor: float = 0.0  # latents = (vae.encode(x) - shift) * scale (diffusers: vae.config.shift_factor)
-    text_encoders: tuple[str, ...] = ()  # short names of the text encoders, in order (single-file / LoRA naming)
-    optional_text_encoders: tuple[str, ...] = ()  # encoders the model may run without (their tokens zeroed)
-    default_flow_shift: float | None = None  # flow families: sigma shift of the timestep schedule (SD3: 3.0)
-    lora_prefixes: tuple[str, ...] = ()  # key prefixes of the family's LoRA files (kohya / diffusers layouts)
 
 
 FAMILIES: dict[str, FamilyFacts] = {
-    "sd1": FamilyFacts("sd1", 512, (768,), 64, "sd_v1", "Stable Diffusion 1.x"),
-    "sd2": FamilyFacts("sd2", 768, (1024,), 64, "sd_v2", "Stable Diffusion 2.x"),
-    "sdxl": FamilyFacts("sdxl", 1024, (768, 1280), 64, "sdxl_base_v1-0", "Stable Diffusion XL"),
+    "sd1": FamilyFacts("sd1", 512, "sd_v1", "Stable Diffusion 1.x"),
+    "sd2": FamilyFacts("sd2", 768, "sd_v2", "Stable Diffusion 2.x"),
+    "sdxl": FamilyFacts("sdxl", 1024, "sdxl_base_v1-0", "Stable Diffusion XL"),
     # SD3 / SD3.5 (Esser et al., arXiv 2403.03206): MMDiT on a 16-channel VAE (latents = (z - 0.0609) * 1.5305,
     # the released vae/config.json), CLIP-L + CLIP-G (both with projection) + T5-XXL, where T5 may be dropped
     # (sec. 5.3.3: "removing T5 at inference"; diffusers' StableDiffusion3Pipeline zeroes its 4096-wide tokens).
     # Flow shift 3.0: the released scheduler_config.json and sd-scripts' sd3_train_network.get_noise_scheduler.
-    # Buckets: sd-scripts' default step 64 (sd3_train_network checks steps divide by 32; one latent patch is
-    # 2 x 8 = 16 px). ss_base_model_version is the variant's (SD3_VARIANTS); "medium" is sd-scripts' value for the
-    # SD3 Medium layout. LoRA prefixes: diffusers/peft layout (`transformer.`, `text_encoder[_2|_3].`), which
-    # diffusers' StableDiffusion3Pipeline.load_lora_weights and ComfyUI read, and sd-scripts' `lora_unet_` /
-    # `lora_te1_` / `lora_te2_` / `lora_te3_` (library/networks/sd3_keys.py).
-    "sd3": FamilyFacts(
-        "sd3", 1024, (768, 1280, 4096), 64, "medium", "Stable Diffusion 3 / 3.5",
-        denoiser="transformer", latent_channels=16, vae_shift_factor=0.0609,
-        text_encoders=("clip_l", "clip_g", "t5xxl"), optional_text_encoders=("t5xxl",), default_flow_shift=3.0,
-        lora_prefixes=("transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.",
-                       "lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_"),
-    ),
+    # These live in the bundled configs (library/models/configs/sd3*), which the code reads; ss_base_model_version
+    # is the variant's (SD3_VARIANTS: "medium" is sd-scripts' value for the SD3 Medium layout). LoRA layouts:
+    # library/networks/sd3_keys.py.
+    "sd3": FamilyFacts("sd3", 1024, "medium", "Stable Diffusion 3 / 3.5", denoiser="transformer"),
 }
 
 

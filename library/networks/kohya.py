@@ -249,12 +249,13 @@ _ARCH = {("sd1", False): "stable-diffusion-v1", ("sd1", True): "stable-diffusion
 
 
 def base_model_version(family: str, v_prediction: bool) -> str:
-    """`ss_base_model_version`: sd_v1 / sd_v2 (+ `_v` for v-prediction), sdxl_base_v1-0 (sd-scripts model_util)."""
+    """`ss_base_model_version`: sd_v1 / sd_v2 (+ `_v` for v-prediction), sdxl_base_v1-0 (sd-scripts model_util);
+    the family table (library/models/families.py) holds the names."""
+    from library.models.families import FAMILIES
+
     match family:
-        case "sd1" | "sd2":
-            return f"sd_{'v1' if family == 'sd1' else 'v2'}" + ("_v" if v_prediction else "")
-        case "sdxl":
-            return "sdxl_base_v1-0"
+        case "sd1" | "sd2" | "sdxl":
+            return FAMILIES[family].ss_base_model_version + ("_v" if v_prediction and family != "sdxl" else "")
         case other:
             raise ValueError(f"unknown family {other!r}")
 
