@@ -58,3 +58,32 @@ def test_a_module_without_a_tier_stops_collection_naming_it(tmp_path):
     out = _pytest(root)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "test_not_in_the_table.py has no tier: add it to TIER_OF_MODULE in tests/conftest.py" in out.stdout
+
+
+def test_the_shared_model_check_sees_each_kind_of_change():
+    """What the session-end check of tiny_models compares: a copy matches, and each change a test could make
+    (a weight, requires_grad, an added module, a token, `extra`) does not. On a stand-in with the model's fields."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from tests.conftest import _fingerprint
+
+    torch.manual_seed(0)
+    shared = SimpleNamespace(family="sd1", prediction_type="epsilon", extra={"tiny": "sd15"},
+                             unet=torch.nn.Conv2d(4, 4, 3), vae=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)),
+                             text_encoders=[torch.nn.Embedding(10, 8).requires_grad_(False)], tokenizers=[list("abc")])
+    assert _fingerprint(copy.deepcopy(shared)) == _fingerprint(shared)
+    changes = [
+        lambda m: m.unet.weight.data.add_(1e-3),
+        lambda m: m.text_encoders[0].requires_grad_(True),
+        lambda m: m.vae.add_module("extra_layer", torch.nn.Identity()),
+        lambda m: m.tokenizers[0].append("<sks>"),
+        lambda m: m.extra.update(note="x"),
+        lambda m: m.unet.to(torch.float16),
+    ]
+    for change in changes:
+        model = copy.deepcopy(shared)
+        change(model)
+        assert _fingerprint(model) != _fingerprint(shared)
