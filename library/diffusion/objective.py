@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from library.config.diffusion import LossConfig, NoiseConfig, check_prediction_compat
+from library.config.diffusion import LossConfig, NoiseConfig
 from library.diffusion import flow as F
 from library.diffusion import loss as L
 from library.diffusion import schedule as S
@@ -54,8 +54,9 @@ class Objective:
     ) -> None:
         """`scheduler_config` (a diffusers DDPMScheduler config dict, e.g. SDModel.scheduler_config) overrides the
         beta arguments; its `rescale_betas_zero_snr` turns the rescale on like `noise.zero_terminal_snr`.
-        `native_resolution` (pixels) and `vae_scale_factor` give the image side for `noise.resolution_shift`."""
-        check_prediction_compat(noise_cfg, prediction_type, loss_cfg)
+        `native_resolution` (pixels) and `vae_scale_factor` give the image side for `noise.resolution_shift`.
+        The prediction type's fit with the noise and loss settings is checked once, by the run plan
+        (library/training/plan.py, `check_prediction_compat`), before the model loads."""
         self.noise_cfg = noise_cfg
         self.loss_cfg = loss_cfg
         self.prediction_type = prediction_type

@@ -60,7 +60,8 @@ def make_plan(cfg: Any, method: Method, *, script: str, dry_run: bool = False, p
         raise ConfigError(f"{script}: {method.name.replace('_', ' ')} does not apply to {FAMILIES[peek.family].label} "
                           f"({cfg.model.pretrained_model_name_or_path}); it trains "
                           f"{', '.join(FAMILIES[f].label for f in method.families)} models")
-    if peek.prediction_type is not None:
+    if peek.prediction_type is not None and cfg.model.resolved_prediction_type() is None:
+        # the model's own prediction type (a forced one was checked when the config loaded: RunConfig.validate)
         check_prediction_compat(cfg.noise, peek.prediction_type, cfg.loss)
     native = peek.native_resolution
     data = method.prepare_data(cfg.data, dry_run=dry_run)
