@@ -127,9 +127,11 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every collected test with its module's tier."""
+    """Mark every collected test of this folder with its module's tier."""
+    here = Path(__file__).resolve().parent
     for item in items:
-        item.add_marker(getattr(pytest.mark, TIER_OF_MODULE[item.path.name]))
+        if item.path.parent == here and item.path.name in TIER_OF_MODULE:
+            item.add_marker(getattr(pytest.mark, TIER_OF_MODULE[item.path.name]))
 
 
 @pytest.fixture(scope="session")
