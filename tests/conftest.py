@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 #               models; a module is e2e when any of its tests is.
 #   acceptance: the learning and quality checks: interop with diffusers to 1e-5, full-size layouts, memory estimates
 #               against real allocations, loss falling / colours learnt where a module is about that.
-# `slow` (over ~20 s) is a separate marker: `-m "unit and not slow"` is the quick set.
+# `slow` (over ~20 s) is a separate marker that combines with these: `-m "e2e and not slow"`.
 TIERS = ("unit", "e2e", "acceptance")
 TIER_OF_MODULE = {
     "test_bad_data.py": "e2e",
