@@ -1,4 +1,5 @@
-"""Generate the README's memory table: SD1.5 / SDXL x LoRA / full / TI / HN on 8, 12, 16 and 24 GB cards.
+"""Generate the README's memory table: SD1.5 / SDXL x LoRA / full / TI / HN, SD3.5 Medium / Large x LoRA / full, on
+8, 12, 16 and 24 GB cards.
 
     python tools/memory_table.py                  # print the markdown table
     python tools/memory_table.py --write README.md  # replace the block between the two marker lines
@@ -37,6 +38,14 @@ def presets():
         yield f"{label} full", EstimateSpec(method="full", **common)
         yield f"{label} TI", EstimateSpec(method="ti", **common)
         yield f"{label} HN", EstimateSpec(method="hn", **common)
+    from library.models.configs import bundled_config_dir
+
+    for name, label in (("sd35_medium", "SD3.5 Medium"), ("sd35_large", "SD3.5 Large")):
+        # bf16: SD3's released weights and every SD3 trainer use it (fp16 activations overflow in its MMDiT)
+        common = dict(family="sd3", config_dir=bundled_config_dir(name), resolution=(1024, 1024), batch_size=1,
+                      mixed_precision="bf16")
+        yield f"{label} LoRA r16 (bf16)", EstimateSpec(method="lora", network=NetworkConfig(network_dim=16), **common)
+        yield f"{label} full (bf16)", EstimateSpec(method="full", **common)
 
 
 def _short(label: str) -> str:

@@ -41,6 +41,7 @@ from library.training import faults
 from library.training import state as st
 from library.training.conditioning import TextConditioner
 from library.training.ema import EMA
+from library.training.outputs import log_step, progress_bar, sample_images, writer_for
 from library.training.saving import USUAL_FIXES, TrainingStopped, save as _save
 from library.training.validation import validation_due, validation_loss
 from library.training.setup import (ManualSteps, configure_unet, effective_precision, make_accelerator, pick_device,
@@ -204,8 +205,8 @@ class Trainer:
         for m in self.modules:
             m.train()
         self.batches = _batch_stream(self.data)
-        self.bar = _progress(self.s, self.accelerator, self.counters.step, self.steps_total)
-        self.writer = _writer(self.s, self.out_dir) if self.accelerator.is_main_process else None
+        self.bar = progress_bar(self.s, self.accelerator, self.counters.step, self.steps_total)
+        self.writer = writer_for(self.s, self.out_dir) if self.accelerator.is_main_process else None
         wall0 = time.perf_counter()
         try:
             while self.counters.step < self.steps_total:
@@ -322,7 +323,7 @@ class Trainer:
     def after_step(self, epoch_end: bool) -> None:
         """Log the step; save and sample when due (the final save and sample belong to `finish`)."""
         s, c = self.s, self.counters
-        _log(self.writer, self.bar, s, c.step, self.step_loss, self.lr_scheduler.get_last_lr(), self.extra_logs)
+        log_step(self.writer, self.bar, s, c.step, self.step_loss, self.lr_scheduler.get_last_lr(), self.extra_logs)
         if getattr(self.data, "validation", None) is not None and validation_due(
                 c.step, epoch_end, c.epoch, s.train.validate_every_n_steps, s.train.validate_every_n_epochs):
             self.timed("validation", self.validate_now)
@@ -384,7 +385,7 @@ class Trainer:
 
     def sample_now(self, final: bool = False) -> None:
         with self.steps.full_weights():  # entered on every rank (ZeRO-3 gathers collectively); the main one samples
-            _sample_main(self.model, self.modules, self.s, self.out_dir, self.counters.step, self.accelerator,
+            sample_images(self.model, self.modules, self.s, self.out_dir, self.counters.step, self.accelerator,
                          final)
 
 
@@ -460,29 +461,6 @@ def _due(step: int, every_steps: int, epoch_end: bool, epoch: int, every_epochs:
         epoch_end and every_epochs > 0 and (epoch + 1) % every_epochs == 0)
 
 
-def _sample_main(model, modules, s: LoopSettings, out_dir: Path, step: int, accelerator, final) -> None:
-    from library.training.sample import generate, save_images
-
-    if not accelerator.is_main_process:
-        return
-    for m in modules:
-        m.eval()
-    device = next(model.unet.parameters()).device
-    for enc in model.text_encoders:
-        enc.to(device)  # back from the CPU if text outputs were cached
-    try:
-        images = generate(model, list(s.prompts), sampler=s.sample.sampler, base_seed=s.train.seed,
-                          clip_skip=s.facts.clip_skip)
-        faults.kill_point("sample", step)
-        save_images(images, list(s.prompts), out_dir / "sample", f"{'final_' if final else ''}step{step:08d}")
-    finally:
-        for m in modules:
-            m.train()
-        if s.cache_text and device.type != "cpu":
-            for enc in model.text_encoders:
-                enc.to("cpu")
-
-
 def _worker_error(e: RuntimeError, out_dir: Path) -> Exception:
     """torch raises "DataLoader worker ..." from its SIGCHLD handler (wherever the main process is, a save included:
     atomic writes keep the files whole) or when the next batch never comes; anything else is re-raised as it is."""
@@ -509,34 +487,6 @@ def _deepspeed_plugin(s: LoopSettings):
                                   micro_batch_size=s.batch_size,
                                   max_grad_norm=s.optimizer.max_grad_norm)
     return dsp.make_plugin(config)
-
-
-def _writer(s: LoopSettings, out_dir: Path):
-    if s.log.log_with != "tensorboard":
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=s.log.logging_dir or str(out_dir / "logs"))
-
-
-def _progress(s: LoopSettings, accelerator, start: int, total: int):
-    if not (s.log.progress_bar and accelerator.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="steps", dynamic_ncols=True, file=sys.stderr)
-
-
-def _log(writer, bar, s: LoopSettings, step: int, loss: float, lrs: list[float], extra: dict[str, float]) -> None:
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)
-    if writer is not None and step % max(1, s.log.log_every_n_steps) == 0:
-        writer.add_scalar("loss/step", loss, step)
-        for i, lr in enumerate(lrs):
-            writer.add_scalar(f"lr/group{i}", lr, step)
-        for k, v in extra.items():
-            writer.add_scalar(k, v, step)
 
 
 def _say(accelerator, msg: str) -> None:
