@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from library.training import faults
 from library.training.state import list_states
+from tests.test_sd3_lora import _pipeline  # the pipeline over a model's live modules
 from tests.tinyrun import final_trainable, main_in_fork, main_in_process, train_in_process, write_config
 
 SD3 = {"model": {"pretrained_model_name_or_path": "tiny:sd3"}, "optimizer": {"learning_rate": 2e-3},
@@ -27,16 +28,6 @@ def _lora(tmp_path, steps: int, **tables):
     merged = {**SD3, "train": {"max_train_steps": steps}, "network": {"network_dim": 8, "network_alpha": 8.0},
               **tables}
     return write_config(tmp_path / "run.toml", tmp_path / "out", "lora", **merged)
-
-
-def _pipeline(model):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    tes, toks = model.text_encoders, model.tokenizers
-    return StableDiffusion3Pipeline(
-        transformer=model.unet, scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),
-        vae=model.vae, text_encoder=tes[0], tokenizer=toks[0], text_encoder_2=tes[1], tokenizer_2=toks[1],
-        text_encoder_3=tes[2], tokenizer_3=toks[2])
 
 
 def _outputs(pipe, tokens: int):

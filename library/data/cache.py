@@ -132,7 +132,8 @@ def build_latent_store(requests: list[CacheRequest], vae, *, cache_dir: Path | N
 
     store, skipped = LatentStore(), []
     vae_id = vae_identity(vae)
-    manifest = _read_manifest(cache_dir) if cache_dir else {}
+    manifest = read_manifest(cache_dir, FORMAT, "latent cache manifest {path} is unreadable; rebuilding the cache") \
+        if cache_dir else {}
     todo, stale = [], Counter()
     for r in requests:
         old = manifest.get(r.key)
@@ -141,7 +142,7 @@ def build_latent_store(requests: list[CacheRequest], vae, *, cache_dir: Path | N
             store.files[r.item] = str(file)
             continue
         if old is not None:
-            stale[_why_stale(old["record"], r.record(vae_id, dtype)) if file.is_file() else "file missing"] += 1
+            stale[why_stale(old["record"], r.record(vae_id, dtype), _LATENT_REASONS) if file.is_file() else "file missing"] += 1
         todo.append(r)
     if cache_dir and (stale or requests):
         reused = len(requests) - len(todo)
@@ -188,24 +189,33 @@ def build_latent_store(requests: list[CacheRequest], vae, *, cache_dir: Path | N
     return store, skipped
 
 
-def _why_stale(old: dict, new: dict) -> str:
-    names = {"vae": "VAE changed", "dtype": "dtype changed", "mtime_ns": "image changed", "size": "image changed"}
+_LATENT_REASONS = {"vae": "VAE changed", "dtype": "dtype changed", "mtime_ns": "image changed",
+                   "size": "image changed"}
+
+
+def why_stale(old: dict, new: dict, reasons: dict[str, str]) -> str:
+    """Why a cache entry recorded as `old` no longer fits `new`: the first differing key's reason (shared by the
+    latent and text-encoder caches)."""
     for k in new:
         if old.get(k) != new[k]:
-            return names.get(k, f"{k} changed")
+            return reasons.get(k, f"{k} changed")
     return "format changed"
 
 
-def _read_manifest(cache_dir: Path) -> dict:
+def read_manifest(cache_dir: Path, fmt: int, unreadable: str) -> dict:
+    """The entries of `cache_dir`'s manifest written in format `fmt`; {} when there is none, another format, or an
+    unreadable one (then `unreadable` is printed as a warning naming the file)."""
     path = cache_dir / MANIFEST
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        print(f"warning: latent cache manifest {path} is unreadable; rebuilding the cache", file=sys.stderr)
+        print(f"warning: {unreadable.format(path=path)}", file=sys.stderr)
         return {}
-    return data.get("entries", {}) if data.get("format") == FORMAT else {}
+    if not isinstance(data, dict) or data.get("format") != fmt or not isinstance(data.get("entries"), dict):
+        return {}
+    return data["entries"]
 
 
 def _write_manifest(cache_dir: Path, entries: dict) -> None:

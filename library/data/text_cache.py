@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from library.data.cache import read_manifest, why_stale
 from library.fileio import atomic_path, write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -88,7 +89,8 @@ def load_or_encode(captions: list[str], encode_fn: EncodeFn, cache_dir: Path, re
     record equals `record`, encoded with `encode_fn` (and written) otherwise. Tensors are moved to `device`."""
     cache_dir = Path(cache_dir)
     wanted = list(dict.fromkeys(captions))
-    manifest = _read_manifest(cache_dir)
+    manifest = read_manifest(cache_dir, FORMAT, "text-encoder cache manifest {path} is unreadable; encoding every "
+                             "caption again")
     out: dict[str, Outputs] = {}
     todo: list[str] = []
     stale: Counter = Counter()
@@ -98,7 +100,7 @@ def load_or_encode(captions: list[str], encode_fn: EncodeFn, cache_dir: Path, re
             todo.append(caption)
             continue
         if entry.get("record") != record:
-            stale[_why_stale(entry.get("record") or {}, record)] += 1
+            stale[why_stale(entry.get("record") or {}, record, _REASONS)] += 1
             todo.append(caption)
             continue
         loaded = _load_entry(cache_dir / entry["file"], entry, caption)
@@ -155,28 +157,9 @@ def _load_entry(path: Path, entry: dict, caption: str) -> Outputs | None:
     return tensors["hidden"], tensors.get("pooled")
 
 
-def _why_stale(old: dict, new: dict) -> str:
-    names = {"text_encoders": "text encoder changed", "tokenizers": "tokenizer changed",
-             "clip_skip": "clip_skip changed", "max_length": "max length changed", "family": "family changed", "precision": "precision changed"}
-    for k in new:
-        if old.get(k) != new[k]:
-            return names.get(k, f"{k} changed")
-    return "format changed"
-
-
-def _read_manifest(cache_dir: Path) -> dict:
-    path = cache_dir / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        print(f"warning: text-encoder cache manifest {path} is unreadable; encoding every caption again",
-              file=sys.stderr)
-        return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
-        return {}
-    return data["entries"]
+_REASONS = {"text_encoders": "text encoder changed", "tokenizers": "tokenizer changed",
+            "clip_skip": "clip_skip changed", "max_length": "max length changed", "family": "family changed",
+            "precision": "precision changed"}
 
 
 def _write_manifest(cache_dir: Path, entries: dict) -> None:
