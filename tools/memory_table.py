@@ -44,7 +44,9 @@ def presets():
         # bf16: SD3's released weights and every SD3 trainer use it (fp16 activations overflow in its MMDiT)
         common = dict(family="sd3", config_dir=bundled_config_dir(name), resolution=(1024, 1024), batch_size=1,
                       mixed_precision="bf16")
-        yield f"{label} LoRA r16 (bf16)", EstimateSpec(method="lora", network=NetworkConfig(network_dim=16), **common)
+        # sd-scripts' SD3 LoRA default: the MMDiT only (the text encoders, T5-XXL above all, stay frozen)
+        yield f"{label} LoRA r16 MMDiT (bf16)", EstimateSpec(
+            method="lora", network=NetworkConfig(network_dim=16, train_unet_only=True), **common)
         yield f"{label} full (bf16)", EstimateSpec(method="full", **common)
 
 
