@@ -11,8 +11,11 @@ other processes on a shared machine) and peak RSS of each child; medians.
 Then one instrumented tiny run: wall-clock phases (interpreter, imports, config, model build, weight read,
 tokenizer, data index, adapter, first step) and an `-X importtime` run summed by top-level package.
 `--full sd15[,sdxl]`: a full-size single file with random weights in the real layout (fp16: SD1.5 2.1 GB, SDXL
-6.9 GB; written once into the cache), time and peak RSS to the first step of the same LoRA run at 64 px, against
-diffusers' `from_single_file(path, config=<bundled config folder>)` + peft LoRA + the same step.
+6.9 GB; written once into the cache): the same LoRA run at 64 px against diffusers'
+`from_single_file(path, config=<bundled config folder>)` + peft LoRA on the attention projections + one step;
+"start_s" is process start to the first UNet forward (what loading costs), "first_step_done_s" adds the step
+(our LoRA set to the same adapters: `network.target = "attn"`, `train_unet_only`), plus
+peak RSS against the file size, and `load_model(dtype=None)` alone.
 Writes bench/results/start.json (with the load average before and after).
 """
 
@@ -38,7 +41,7 @@ pretrained_model_name_or_path = "{model}"
 [network]
 network_dim = 4
 network_alpha = 4
-[data]
+{network}[data]
 train_data_dir = "demo:shapes"
 resolution = 64
 batch_size = {batch}
@@ -85,8 +88,12 @@ timed(ml, "empty", "model build (meta)"); timed(ml, "read_safetensors", "weight 
 timed(ml, "assign_weights", "weight assign"); timed(load, "load_tokenizers", "tokenizer")
 timed(loader, "build_train_data", "data index"); timed(lora, "inject_network", "adapter inject")
 timed(load, "load_model", "load_model total")
-import library.training.setup as setup, library.models.text as text
-timed(setup, "make_accelerator", "accelerator"); timed(text, "unet_forward", "first step: UNet forward", "first step starts")
+import library.training.setup as setup
+timed(setup, "make_accelerator", "accelerator")
+def unet_pre_hook(module, args):  # the first UNet forward of the run: the first step starts
+    if type(module).__name__ == "UNet2DConditionModel":
+        mark("first step starts"); handle.remove()
+handle = torch.nn.modules.module.register_module_forward_pre_hook(unet_pre_hook)
 def first_step(opt, args, kwargs):
     mark("first step done")
     print("BENCH " + json.dumps({"marks": marks, "spans": spans}), file=sys.stderr, flush=True)
@@ -100,7 +107,14 @@ import runpy; sys.argv = ["train_lora.py", "--config", sys.argv[1]]; runpy.run_p
 # UNet's attention projections (what diffusers' train_text_to_image_lora.py targets), one AdamW step on one 64 px
 # image (VAE encode, text encode, DDPM noise, UNet, MSE).
 DIFFUSERS_STEP = r"""
-import sys, time, torch
+import json, os, sys, time
+T0 = float(os.environ["BENCH_T0"]); marks = {{"interpreter": time.time() - T0}}
+import torch
+marks["import torch"] = time.time() - T0
+def unet_pre_hook(module, args):
+    if type(module).__name__ == "UNet2DConditionModel":
+        marks.setdefault("first step starts", time.time() - T0)
+torch.nn.modules.module.register_module_forward_pre_hook(unet_pre_hook)
 from diffusers import DDPMScheduler, {pipe}
 from peft import LoraConfig
 torch.manual_seed(0)
@@ -125,6 +139,8 @@ with torch.no_grad():
 noise = torch.randn_like(latents); t = torch.tensor([500])
 pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb, **extra).sample
 torch.nn.functional.mse_loss(pred, noise).backward(); opt.step()
+marks["first step done"] = time.time() - T0
+print("BENCH " + json.dumps({{"marks": marks}}), file=sys.stderr, flush=True)
 """
 
 
@@ -153,9 +169,9 @@ def child(args: list[str], cwd: Path = REPO, env: dict | None = None) -> tuple[f
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, err
 
 
-def write_config(tmp: Path, name: str, model: str, batch: int = 2) -> Path:
+def write_config(tmp: Path, name: str, model: str, batch: int = 2, network: str = "") -> Path:
     cfg = tmp / f"{name}.toml"
-    cfg.write_text(CONFIG.format(model=model, out=tmp / f"out-{name}", batch=batch))
+    cfg.write_text(CONFIG.format(model=model, out=tmp / f"out-{name}", batch=batch, network=network))
     return cfg
 
 
@@ -188,11 +204,14 @@ def tiny(tmp: Path, repeat: int, baseline: Path | None) -> dict:
     return out
 
 
+def _marks(stderr: str) -> dict:
+    return json.loads(next(ln for ln in stderr.splitlines() if ln.startswith("BENCH "))[6:])["marks"]
+
+
 def phases(tmp: Path) -> dict:
     cfg = write_config(tmp, "phases", "tiny:sd15")
     *_, err = child([sys.executable, "-c", PHASES, str(cfg)], env={"BENCH_T0": repr(time.time())})
-    line = next(ln for ln in err.splitlines() if ln.startswith("BENCH "))
-    data = json.loads(line[6:])
+    data = json.loads(next(ln for ln in err.splitlines() if ln.startswith("BENCH "))[6:])
     data["marks"] = {k: round(v, 3) for k, v in data["marks"].items()}
     data["spans"] = {k: round(v, 3) for k, v in data["spans"].items()}
     *_, err = child([sys.executable, "-X", "importtime", "train_lora.py", "--config", str(cfg)])
@@ -247,23 +266,31 @@ def full(tmp: Path, kinds: list[str], repeat: int) -> dict:
     out = {}
     for kind in kinds:
         path = full_size_file(kind)
-        cfg = write_config(tmp, f"full-{kind}", str(path), batch=1)
+        # The adapters diffusers' LoRA script trains (UNet attention projections), so both steps do the same work.
+        cfg = write_config(tmp, f"full-{kind}", str(path), batch=1, network='target = "attn"\ntrain_unet_only = true\n')
         pipe = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
-        ours = [sys.executable, "train_lora.py", "--config", str(cfg)]
+        ours = [sys.executable, "-c", PHASES, str(cfg)]  # train_lora.py, stopped right after the first step
         theirs = [sys.executable, "-c", DIFFUSERS_STEP.format(pipe=pipe), str(path), str(bundled_config_dir(kind))]
         load_only = [sys.executable, "-c", LOAD_ONLY, str(path)]
         samples: dict[str, list] = {"toolkit": [], "diffusers from_single_file": [], LOAD_ONLY_NAME: []}
+        marks: dict[str, list] = {"toolkit": [], "diffusers from_single_file": []}
         for _ in range(repeat):
-            samples["toolkit"].append(child(ours))
-            samples["diffusers from_single_file"].append(child(theirs))
+            for name, args in (("toolkit", ours), ("diffusers from_single_file", theirs)):
+                sample = child(args, env={"BENCH_T0": repr(time.time())})
+                samples[name].append(sample)
+                marks[name].append(_marks(sample[3]))
             samples[LOAD_ONLY_NAME].append(child(load_only))
         size_mib = path.stat().st_size / 2**20
         res = {name: summarise(s) for name, s in samples.items()}
+        for name, ms in marks.items():  # start = process start to the first UNet forward; then the step itself
+            res[name]["start_s"] = round(statistics.median(m["first step starts"] for m in ms), 2)
+            res[name]["first_step_done_s"] = round(statistics.median(m["first step done"] for m in ms), 2)
         for r in res.values():
             r["peak_rss_over_file"] = round(r["peak_rss_mib"] / size_mib, 2)
+        ref = res["diffusers from_single_file"]
         out[kind] = {"file_mib": round(size_mib), **res,
-                     "toolkit_over_diffusers_wall": round(res["toolkit"]["wall_s"]
-                                                          / res["diffusers from_single_file"]["wall_s"], 2)}
+                     "toolkit_over_diffusers_start": round(res["toolkit"]["start_s"] / ref["start_s"], 2),
+                     "toolkit_over_diffusers_wall": round(res["toolkit"]["wall_s"] / ref["wall_s"], 2)}
     return out
 
 
