@@ -84,8 +84,13 @@ def test_diffusers_from_single_file_gives_identical_outputs(saved, family):
     pipe = cls.from_single_file(str(path), config=str(model.config_dir), local_files_only=True,
                                 torch_dtype=torch.float32)
     theirs = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    _assert_same(_outputs(family, model.unet, model.vae, model.text_encoders),
+    for a, b in [(model.unet, pipe.unet), (model.vae, pipe.vae), *zip(model.text_encoders, theirs)]:
+        sa, sb = a.state_dict(), b.state_dict()  # every weight diffusers reads is ours, bit for bit
+        assert all(torch.equal(sa[k], sb[k]) for k in sb), family
+    ours, got = (_outputs(family, model.unet, model.vae, model.text_encoders),
                  _outputs(family, pipe.unet, pipe.vae, theirs))
+    # Equal weights in buffers of another alignment may take another SIMD path: seen 7.5e-7 on the sd1 UNet.
+    assert ours.keys() == got.keys() and all(torch.allclose(ours[k], got[k], rtol=0, atol=1e-5) for k in ours)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
