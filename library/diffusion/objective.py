@@ -112,7 +112,6 @@ class Objective:
             min_timestep=n.min_timestep, max_timestep=n.max_timestep, sampling=n.timestep_sampling,
             logit_mean=n.logit_mean, logit_std=n.logit_std, shift=self.shift_for(latents),
         )
-        device = latents.device
         if self.prediction_type == "flow":
             if n.timestep_sampling == "mode":
                 timesteps, t = F.sample_mode_times(
@@ -120,12 +119,27 @@ class Objective:
                     max_timestep=n.max_timestep, mode_scale=n.mode_scale, shift=sampling["shift"])
             else:
                 timesteps, t = S.sample_flow_times(batch, generator, self.num_train_timesteps, **sampling)
+        else:
+            timesteps = S.sample_ddpm_timesteps(batch, generator, self.sigma_table, **sampling).cpu()
+            t = None
+        return self.at(latents, timesteps, input_noise, target_noise, t)
+
+    def at(self, latents: torch.Tensor, timesteps: torch.Tensor, input_noise: torch.Tensor,
+           target_noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> Prepared:
+        """Noise `latents` with `input_noise` at the given timesteps and build the target from `target_noise`
+        (default: the same noise): what `prepare` does after its draws, and what a validation pass does at fixed
+        timesteps. DDPM timesteps are indices 0..T-1; flow timesteps are the model's k, with t = k / T unless `t`
+        (the exact float64 time the draw made) is given."""
+        target_noise = input_noise if target_noise is None else target_noise
+        device = latents.device
+        timesteps = timesteps.cpu()
+        if self.prediction_type == "flow":
+            t = timesteps.to(torch.float64) / self.num_train_timesteps if t is None else t
             noisy = add_flow_noise(latents, input_noise, t)
             target = L.flow_target(latents, target_noise)
             sigmas = t / (1.0 - t)  # inf at t = 1, like a zero-terminal-SNR step
             snr = ((1.0 - t) / t) ** 2
         else:
-            timesteps = S.sample_ddpm_timesteps(batch, generator, self.sigma_table, **sampling).cpu()
             noisy = add_noise(latents, input_noise, timesteps, self.alphas_cumprod)
             match self.prediction_type:
                 case "epsilon":
@@ -135,13 +149,8 @@ class Objective:
                 case _:
                     raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
             sigmas, snr = self.sigma_table[timesteps], self.snr_table[timesteps]
-        return Prepared(
-            noisy_latents=noisy,
-            timesteps=timesteps.to(device),
-            target=target,
-            snr=snr.float().to(device),
-            sigmas=sigmas.float().to(device),
-        )
+        return Prepared(noisy_latents=noisy, timesteps=timesteps.to(device), target=target,
+                        snr=snr.float().to(device), sigmas=sigmas.float().to(device))
 
     def loss(
         self,

@@ -23,8 +23,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from library.diffusion import loss as L
-from library.diffusion.noise import add_flow_noise, add_noise
 from library.diffusion.objective import Objective, Prepared
 
 VALIDATION_TIMESTEPS = 4  # 125, 375, 625, 875 on SD's 1000 steps: low, two middle and one high noise level
@@ -59,27 +57,9 @@ def noise_seed(seed: int, sample_id: int, level: int) -> int:
 
 
 def prepare_at(objective: Objective, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> Prepared:
-    """The objective's noising and target at the given timesteps and noise (what `Objective.prepare` does after
+    """The objective's noising and target at the given timesteps and noise (Objective.at: what `prepare` does after
     drawing them). DDPM timesteps are indices 0..T-1; flow timesteps are the model's k in 1..T, t = k / T."""
-    device = latents.device
-    timesteps = timesteps.cpu()
-    if objective.prediction_type == "flow":
-        t = timesteps.to(torch.float64) / objective.num_train_timesteps
-        noisy = add_flow_noise(latents, noise, t)
-        target = L.flow_target(latents, noise)
-        sigmas, snr = t / (1.0 - t), ((1.0 - t) / t) ** 2
-    else:
-        noisy = add_noise(latents, noise, timesteps, objective.alphas_cumprod)
-        match objective.prediction_type:
-            case "epsilon":
-                target = L.epsilon_target(noise)
-            case "v_prediction":
-                target = L.v_target(latents, noise, objective.alphas_cumprod[timesteps])
-            case _:
-                raise ValueError(f"unknown prediction_type {objective.prediction_type!r}")
-        sigmas, snr = objective.sigma_table[timesteps], objective.snr_table[timesteps]
-    return Prepared(noisy_latents=noisy, timesteps=timesteps.to(device), target=target,
-                    snr=snr.float().to(device), sigmas=sigmas.float().to(device))
+    return objective.at(latents, timesteps, noise)
 
 
 Denoise = Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor]  # (batch, noisy latents, timesteps) -> prediction
