@@ -21,9 +21,6 @@ LIBRARY = ROOT / "library"
 KNOWN: dict[frozenset[str], str] = {
     frozenset({"library.models.save", "library.models.sd3.save"}):
         "issue 16: lead (SD3 writers dispatched from models/save.py, which sd3/save.py imports from)",
-    frozenset({"library.networks.kohya", "library.networks.lora", "library.networks.lycoris",
-               "library.networks.sd3_keys"}):
-        "issue 16: lead (networks/kohya.py, sd3_keys.py)",
 }
 
 

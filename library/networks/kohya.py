@@ -1,4 +1,5 @@
-"""The kohya LoRA file format: key names, strict save / load, `ss_*` and `modelspec.*` metadata, sshs hashes.
+"""The kohya LoRA file format: key names, strict save / load, `ss_*` and `modelspec.*` metadata (the file is written
+by library/networks/lora_file.py, with the sshs hashes).
 
 Key rules (sd-scripts networks/lora.py `LoRANetwork.create_modules`, DESIGN.md "LoRA (kohya format)"):
 - `lora_unet_` + module path with `.` -> `_`; the path is diffusers' for SD1/SD2 and SGM's for SDXL (sd-scripts trains
@@ -11,7 +12,6 @@ Key rules (sd-scripts networks/lora.py `LoRANetwork.create_modules`, DESIGN.md "
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from library.errors import ModelFileError
-from library.fileio import atomic_path
 from library.models.model import SDModel
 from library.networks import lycoris
 from library.networks.lora import AdaptedModule, Network
+from library.networks.lora_file import write_lora_file
 
 PREFIXES = {
     ("sd1", "unet"): "lora_unet", ("sd2", "unet"): "lora_unet", ("sdxl", "unet"): "lora_unet",
@@ -194,42 +194,13 @@ def load_kohya_file_into(model: SDModel, network: Network, path: str | os.PathLi
     return metadata
 
 
-def sshs_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts `precalculate_safetensors_hashes` computes them.
-
-    Model hash: sha256 of the tensor data after the safetensors header (A1111 additional-networks `addnet_hash_
-    safetensors`; metadata cannot change it). Legacy hash: first 8 hex of sha256 of the 64 KiB at offset 1 MiB of the
-    file serialised with only its `ss_*` metadata (`addnet_hash_legacy`).
-    """
-    from safetensors.torch import save
-
-    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = save(dict(state_dict), ss or None)
-    header_len = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
-    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
 def save_kohya(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write the LoRA atomically as .safetensors with `metadata` plus sshs_model_hash / sshs_legacy_hash."""
-    from safetensors.torch import save_file
-
+    """Write the LoRA atomically as .safetensors with `metadata` plus sshs_model_hash / sshs_legacy_hash
+    (library/networks/lora_file.py: no inf / NaN after the cast)."""
     bad = [k for k in state_dict if not k.startswith(tuple(f"{p}_" for p in set(PREFIXES.values())))]
     if bad:  # diffusers only converts kohya files whose every key has one of these prefixes
         raise ModelFileError(f"refusing to write {path}: key {bad[0]} lacks a lora_unet_/lora_te*_ prefix")
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # checked on what is written, after any cast: fp16 turns values above 65504 into inf
-        dtypes = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in bad})
-        raise ModelFileError(f"refusing to write {path}: {len(bad)} tensors hold inf or NaN ({', '.join(dtypes)}), "
-                             f"e.g. {', '.join(bad[:3])}; nothing was written. Values above 65504 overflow fp16: save "
-                             "in bf16 or fp32 (save.save_precision / output.precision)")
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return write_lora_file(path, state_dict, metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------------

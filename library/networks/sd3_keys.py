@@ -230,30 +230,16 @@ PREFIXES = {"diffusers": tuple(f"{p}." for p in DIFFUSERS_PREFIX.values()),
 
 
 def save_sd3_lora(path: Any, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Any:
-    """Write an SD3 LoRA atomically as .safetensors (library/networks/kohya.py `save_kohya`'s rules: every key has
-    its layout's prefix, no inf / NaN after the cast, sshs hashes added); the layout is read from the keys."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from library.fileio import atomic_path
-    from library.networks.kohya import sshs_hashes
+    """Write an SD3 LoRA atomically as .safetensors (library/networks/lora_file.py: no inf / NaN after the cast,
+    sshs hashes added), once every key has its layout's prefix; the layout is read from the keys."""
+    from library.networks.lora_file import write_lora_file
 
     layout: Layout = "sd_scripts" if any(k.startswith("lora_") for k in state_dict) else "diffusers"
     bad = [k for k in state_dict if not k.startswith(PREFIXES[layout])]
     if bad:
         raise ModelFileError(f"refusing to write {path}: key {bad[0]} lacks the {layout} prefixes "
                              f"({', '.join(PREFIXES[layout])})")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ModelFileError(f"refusing to write {path}: {len(bad)} tensors hold inf or NaN, e.g. {bad[0]}; "
-                             "nothing was written (values above 65504 overflow fp16: save in bf16 or fp32)")
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return write_lora_file(path, state_dict, metadata)
 
 
 def load_sd3_file_into(model: Any, network: Any, path: Any) -> dict[str, str]:
