@@ -16,13 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "library"
 
-# Circles known when this test was written, each being broken by its owner: (modules, who breaks it). An entry
-# that is no longer a circle fails the test too, so the list only shrinks.
-KNOWN: dict[frozenset[str], str] = {
-    frozenset({"library.models.save", "library.models.sd3.save"}):
-        "issue 16: lead (SD3 writers dispatched from models/save.py, which sd3/save.py imports from)",
-}
-
 
 def module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
@@ -112,11 +105,8 @@ def test_library_has_no_import_circles():
     graph = import_graph()
     assert len(graph) > 50, "library/ was not found"
     found = cycles(graph)
-    new = [c for c in found if frozenset(c) not in KNOWN]
-    assert not new, "import circles in library/ (move the shared piece to the lower module or a new small one):\n" + \
-        "\n".join(f"  {' <-> '.join(c)}  ({_edges_within(graph, c)})" for c in new)
-    gone = [sorted(k) for k in KNOWN if k not in {frozenset(c) for c in found}]
-    assert not gone, f"no longer circles, remove them from KNOWN in {Path(__file__).name}: {gone}"
+    assert not found, "import circles in library/ (move the shared piece to the lower module or a new small one):\n" + \
+        "\n".join(f"  {' <-> '.join(c)}  ({_edges_within(graph, c)})" for c in found)
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:

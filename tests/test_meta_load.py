@@ -126,7 +126,7 @@ def test_tokenizer_from_its_json_is_the_from_pretrained_one(ref, tmp_path):
     from transformers import CLIPTokenizer
 
     from library.models.load import load_tokenizers, resolve_model_ref
-    from library.models.save import save_tokenizer
+    from library.models.diffusers_folder import save_tokenizer
 
     folder = resolve_model_ref(ref)
     subs = ["tokenizer", "tokenizer_2"][: 2 if ref == "tiny:sdxl" else 1]

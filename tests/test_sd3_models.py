@@ -89,9 +89,9 @@ def test_tiny_t5_tokenizer_is_offline_and_t5_shaped():
 def test_tiny_sd3_folder_round_trip_and_reference(tmp_path, tiny_sd3):
     from library.config.model import ModelConfig
     from library.models.load import load_model
-    from library.models.sd3.save import save_diffusers_sd3
+    from library.models.save import save_diffusers
 
-    folder = save_diffusers_sd3(tiny_sd3, tmp_path / "sd3", dtype=torch.float32)
+    folder = save_diffusers(tiny_sd3, tmp_path / "sd3", dtype=torch.float32)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline" and index["tokenizer_3"][1] == "T5TokenizerFast"
     loaded = load_model(ModelConfig(pretrained_model_name_or_path=str(folder)))
@@ -136,13 +136,13 @@ def test_colour_codec_with_16_channels_round_trips_colour(tiny_sd3):
 def test_peek_sd3_reads_configs_and_headers_only(tmp_path, tiny_sd3):
     from library.config.model import ModelConfig
     from library.models.sd3.peek import peek_sd3
-    from library.models.sd3.save import save_diffusers_sd3
+    from library.models.save import save_diffusers
     from library.models.sd3.single_file import save_sd3_single_file
 
     facts = peek_sd3(ModelConfig(pretrained_model_name_or_path="tiny:sd3"))
     assert facts[0] == "sd3" and facts[2:] == ("flow", 8, 8)
     assert peek_sd3(ModelConfig(pretrained_model_name_or_path="tiny:sd15")) is None
-    folder = save_diffusers_sd3(tiny_sd3, tmp_path / "m", dtype=torch.float32)
+    folder = save_diffusers(tiny_sd3, tmp_path / "m", dtype=torch.float32)
     assert peek_sd3(ModelConfig(pretrained_model_name_or_path=str(folder)))[1] == folder
     path = tmp_path / "m.safetensors"
     save_sd3_single_file(tiny_sd3, path)

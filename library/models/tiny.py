@@ -207,8 +207,6 @@ def _tiny_config_dir(model: SDModel, ref: TinyRef) -> Path:
     """A configs-only diffusers folder describing this tiny model (what single-file loading needs as config_dir)."""
     from library.models.save import write_configs
 
-    if model.family == "sd3":
-        from library.models.sd3.save import write_configs_sd3 as write_configs
     final = _cache_root(ref.family) / "configs" / ref.name
     if not (final / "model_index.json").is_file():
         staging = _staging(final)
@@ -233,8 +231,6 @@ def resolve_model_ref(ref: str) -> Path:
         return final
     staging = _staging(final)
     model = build_tiny(tiny.family, tiny.seed, tiny.prediction_type)
-    if tiny.family == "sd3":
-        from library.models.sd3.save import save_diffusers_sd3 as save_diffusers
     save_diffusers(model, staging, dtype=torch.float32)
     _publish(staging, final)
     return final
