@@ -60,6 +60,26 @@ class TensorFile(Mapping[str, Any]):
         return len(self.shapes)
 
 
+class TensorView(Mapping[str, Any]):
+    """A tensor file's tensors under the names the key maps read (normalised keys, non-weight extras left out);
+    tensors are still read on demand. `f` is a TensorFile, or any mapping with `.shapes` of the same keys."""
+
+    def __init__(self, f: Mapping[str, Any], names: dict[str, str]):
+        self.f, self.names = f, names  # name read -> key in the file
+
+    def __getitem__(self, key: str) -> Any:
+        return self.f[self.names[key]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.f.shapes[self.names[key]])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:
     """Open a `.safetensors` file (header checked, tensors lazy) or a pickle (through `load_pickle_weights`)."""
     path = Path(path)

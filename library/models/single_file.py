@@ -22,17 +22,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from library.errors import ModelFileError
-from library.fileio import atomic_path
 from library.models import keymaps_clip as kc
 from library.models.families import Family
 from library.models.keymaps import KeyMap, KeyMapError, from_ldm, to_ldm, unet_keymap, vae_keymap
 from library.models.model import SDModel
-from library.models.safe_load import SAFETENSORS_SUFFIX, TensorFile, open_tensor_file
+from library.models.safe_load import SAFETENSORS_SUFFIX, TensorFile, TensorView, open_tensor_file
+from library.models.single_file_write import check_single_file_target, write_single_file
 
 SD1_TE = "cond_stage_model.transformer."
 SD2_TE = "cond_stage_model.model."
@@ -120,32 +120,14 @@ def save_single_file(model: SDModel, path: str | os.PathLike, dtype: torch.dtype
                      metadata: Mapping[str, str] | None = None) -> None:
     """Write `model` as one `.safetensors` single file (atomic). Floating tensors are cast to `dtype` (fp32, fp16 or
     bf16); `metadata` (str -> str) goes into the header, plus `modelspec.prediction_type` unless given."""
-    from safetensors.torch import save_file
-
     if model.family == "sd3":  # the SD3 layout has its own key maps (library/models/sd3/single_file.py)
         from library.models.sd3.single_file import save_sd3_single_file
 
         return save_sd3_single_file(model, path, dtype=dtype, metadata=metadata)
     path = Path(path)
-    if path.suffix.lower() != SAFETENSORS_SUFFIX:
-        raise ModelFileError(f"{path}: single files are written as {SAFETENSORS_SUFFIX} only (never pickles)")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"save dtype must be float32, float16 or bfloat16, got {dtype}")
-    meta = dict(metadata or {})
-    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"safetensors metadata must map str to str; bad entry {bad[0]!r}")
+    meta = check_single_file_target(path, dtype, metadata)
     meta.setdefault("modelspec.prediction_type", "v" if model.prediction_type == "v_prediction" else "epsilon")
-    tensors = {k: _stored(v, dtype) for k, v in model_to_ldm(model).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t = t.detach().to("cpu")
-    if t.is_floating_point():
-        t = t.to(dtype)
-    return t.contiguous()
+    write_single_file(path, model_to_ldm(model), dtype, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,26 +234,7 @@ def _build_empty(config_dir: Path, family: Family, path: Path) -> tuple[Any, Any
     return unet, vae, tes, toks
 
 
-class _View(Mapping[str, Any]):
-    """The file's tensors under normalised names, without the ignored extras; tensors still read on demand."""
-
-    def __init__(self, f: TensorFile, names: dict[str, str]):
-        self.f, self.names = f, names
-
-    def __getitem__(self, key: str) -> Any:
-        return self.f[self.names[key]]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.f.shapes[self.names[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _view_for_mapping(f: TensorFile, family: Family, parts: list[tuple[str, Any, KeyMap]]) -> _View:
+def _view_for_mapping(f: TensorFile, family: Family, parts: list[tuple[str, Any, KeyMap]]) -> TensorView:
     """Drop the listed non-weight extras, normalise old SD1 text-encoder keys, and reject any key left unmapped."""
     ignored = set(NON_WEIGHT_KEYS)
     for name, module, km in parts:
@@ -299,7 +262,7 @@ def _view_for_mapping(f: TensorFile, family: Family, parts: list[tuple[str, Any,
                              "is this a model of another kind (inpainting, refiner, ControlNet) or a wrong family?")
     if dropped:
         print(ignored_note(f.path, dropped), file=sys.stderr)
-    return _View(f, names)
+    return TensorView(f, names)
 
 
 def ignored_note(path: Path, dropped: list[str]) -> str:
@@ -312,7 +275,7 @@ def ignored_note(path: Path, dropped: list[str]) -> str:
             f"of the code that trained it, EMA copies): {', '.join(named)}")
 
 
-def _check_shapes(view: _View, module: Any, name: str, km: KeyMap, path: Path) -> None:
+def _check_shapes(view: TensorView, module: Any, name: str, km: KeyMap, path: Path) -> None:
     """Compare each file tensor's stored shape (from the header) with the shape the config's model expects."""
     sd = kc.te_state_dict(module) if name.startswith("text_encoder") else module.state_dict()
     meta = {k: v.to("meta") for k, v in sd.items()}

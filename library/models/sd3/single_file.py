@@ -17,12 +17,12 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from library.errors import ModelFileError
-from library.fileio import atomic_path
 from library.models.keymaps import KeyMapError, vae_keymap
 from library.models.keymaps import from_ldm as vae_from_file
 from library.models.keymaps import to_ldm as vae_to_file
 from library.models.model import SDModel
-from library.models.safe_load import SAFETENSORS_SUFFIX, open_tensor_file
+from library.models.safe_load import TensorView, open_tensor_file
+from library.models.single_file_write import check_single_file_target, write_single_file
 from library.models.sd3 import keymaps as km
 
 MARKER = km.MMDIT_PREFIX + "joint_blocks.0."
@@ -70,24 +70,14 @@ def model_to_sd3_file(model: SDModel) -> dict[str, torch.Tensor]:
 
 def save_sd3_single_file(model: SDModel, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
                          metadata: Mapping[str, str] | None = None) -> None:
-    """Write `model` as one `.safetensors` file in the released layout (atomic), floating tensors in `dtype`."""
-    from safetensors.torch import save_file
-
+    """Write `model` as one `.safetensors` file in the released layout (atomic), floating tensors in `dtype`;
+    `metadata` (str -> str) goes into the header, plus `modelspec.architecture` unless given."""
     from library.models.families import SD3_VARIANTS, sd3_variant
 
     path = Path(path)
-    if path.suffix.lower() != SAFETENSORS_SUFFIX:
-        raise ModelFileError(f"{path}: single files are written as {SAFETENSORS_SUFFIX} only (never pickles)")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"save dtype must be float32, float16 or bfloat16, got {dtype}")
-    meta = dict(metadata or {})
+    meta = check_single_file_target(path, dtype, metadata)
     meta.setdefault("modelspec.architecture", SD3_VARIANTS[sd3_variant(dict(model.unet.config))].architecture)
-    tensors = {}
-    for k, v in model_to_sd3_file(model).items():
-        v = v.detach().to("cpu")
-        tensors[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_single_file(path, model_to_sd3_file(model), dtype, meta)
 
 
 def load_sd3_single_file(path: str | os.PathLike, cfg: Any) -> SDModel:
@@ -115,7 +105,7 @@ def load_sd3_tensors(f: Any, cfg: Any) -> SDModel:
     if stray:
         raise ModelFileError(f"{f.path}: unexpected key '{stray[0]}' ({len(stray)} keys outside the SD3 sections "
                              f"{', '.join(known_prefixes)}); is this an SD3 / SD3.5 checkpoint?")
-    view = _View(f, names)
+    view = TensorView(f, names)
     _load_part(view, transformer, km.mmdit_keymap(transformer.config, transformer.state_dict().keys()), f.path)
     vae_km = vae_keymap(vae.config, vae.state_dict().keys())
     _check_vae(view, vae, vae_km, f.path)
@@ -145,24 +135,7 @@ def load_sd3_tensors(f: Any, cfg: Any) -> SDModel:
     )
 
 
-class _View(Mapping[str, Any]):
-    def __init__(self, f: Any, names: dict[str, str]):
-        self.f, self.names = f, names
-
-    def __getitem__(self, key: str) -> Any:
-        return self.f[self.names[key]]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.f.shapes[self.names[key]])
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _load_part(view: _View, module: Any, keymap: Any, path: Path) -> None:
+def _load_part(view: TensorView, module: Any, keymap: Any, path: Path) -> None:
     sd = module.state_dict()
     for key, want in km.expected_shapes(sd, keymap).items():
         if key not in view.names:
@@ -177,7 +150,7 @@ def _load_part(view: _View, module: Any, keymap: Any, path: Path) -> None:
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def _check_vae(view: _View, vae: Any, keymap: Any, path: Path) -> None:
+def _check_vae(view: TensorView, vae: Any, keymap: Any, path: Path) -> None:
     meta = {k: v.to("meta") for k, v in vae.state_dict().items()}
     for key, want in vae_to_file(meta, keymap).items():
         if key not in view.names:
