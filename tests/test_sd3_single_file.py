@@ -168,6 +168,20 @@ def test_tiny_single_file_round_trip(tmp_path, tiny):
         assert set(f.keys()) == keys
 
 
+@pytest.mark.parametrize("name, kw, error, message", [
+    ("m.ckpt", {}, ModelFileError, r"m\.ckpt: single files are written as \.safetensors only \(never pickles\)"),
+    ("m.safetensors", {"dtype": torch.float64}, ValueError, r"save dtype must be float32, float16 or bfloat16"),
+    ("m.safetensors", {"metadata": {"steps": 10}}, TypeError, r"metadata must map str to str; bad entry 'steps'"),
+])
+def test_save_refuses_what_every_family_refuses_before_writing(tmp_path, tiny, name, kw, error, message):
+    """SD3 goes through the same single-file writer as SD1 / SD2 / SDXL (library/models/single_file_write.py)."""
+    from library.models.single_file import save_single_file
+
+    with pytest.raises(error, match=message):
+        save_single_file(tiny, tmp_path / name, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tiny_single_file_with_separate_text_encoder_files(tmp_path, tiny):
     from safetensors.torch import save_file
 
