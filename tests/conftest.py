@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TIERS = ("unit", "e2e", "acceptance")
 TIER_OF_MODULE = {
     "test_bad_data.py": "e2e",
+    "test_caption_keys.py": "unit",
     "test_caption_levels.py": "unit",
     "test_captioning_cli.py": "unit",
     "test_captioning_datasets.py": "e2e",

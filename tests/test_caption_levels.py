@@ -42,7 +42,7 @@ def captions_over_epochs(data, n_epochs: int) -> list[str]:
 
 
 def test_without_levels_nothing_changes_and_no_draw_is_added():
-    opts = CaptionOptions(shuffle=True)
+    opts = CaptionOptions(shuffle_caption=True)
     a, b = random.Random(5), random.Random(5)
     text, o = choose_caption(["x", "y", "z"], {"tags": ["t"]}, opts, a)
     assert (text, o) == (pick_caption_line(["x", "y", "z"], b), opts)
@@ -50,7 +50,7 @@ def test_without_levels_nothing_changes_and_no_draw_is_added():
 
 
 def test_level_drawn_by_weight_among_the_levels_the_image_has():
-    opts = CaptionOptions(levels=(("tags", 3.0), ("short", 1.0), ("detailed", 0.0)))
+    opts = CaptionOptions(caption_levels=(("tags", 3.0), ("short", 1.0), ("detailed", 0.0)))
     levels = {"tags": [TAGS], "short": [SHORT], "detailed": [DETAILED]}
     counts = Counter(choose_caption(["main"], levels, opts, random.Random(s))[0] for s in range(4000))
     assert set(counts) == {TAGS, SHORT}  # weight 0: never
@@ -61,8 +61,9 @@ def test_level_drawn_by_weight_among_the_levels_the_image_has():
 
 
 def test_shuffle_and_tag_dropout_touch_the_tags_level_only():
-    opts = CaptionOptions(shuffle=True, tag_dropout_rate=0.5, multilevel_dropout=True, synonyms={"a small red ball":
-                          ("x",)}, synonym_probability=1.0, levels=(("tags", 1.0), ("short", 1.0), ("detailed", 1.0)))
+    opts = CaptionOptions(shuffle_caption=True, caption_tag_dropout_rate=0.5, multilevel_tag_dropout=True,
+                          synonyms={"a small red ball": ("x",)}, synonym_probability=1.0,
+                          caption_levels=(("tags", 1.0), ("short", 1.0), ("detailed", 1.0)))
     levels = {"tags": [TAGS], "short": [SHORT], "detailed": [DETAILED]}
     seen = Counter()
     for s in range(300):

@@ -18,46 +18,47 @@ def T(caption=CAP, seed=0, epoch=0, quality=None, **kw):
 
 def test_plain_caption_is_normalised_only():
     assert T("a,b ,, c") == "a, b, c"
-    assert T("x; y", separator=";") == "x; y"
+    assert T("x; y", caption_separator=";") == "x; y"
 
 
 def test_prefix_suffix_and_secondary_separator():
-    assert T("b, c", prefix="pre,", suffix=", suf") == "pre, b, c, suf"
+    assert T("b, c", caption_prefix="pre,", caption_suffix=", suf") == "pre, b, c, suf"
     assert T("a, x;;;y, b", secondary_separator=";;;") == "a, x,y, b"
 
 
 def test_shuffle_keeps_first_keep_tokens_and_is_a_permutation():
     for seed in range(20):
-        out = T(seed=seed, shuffle=True, keep_tokens=2).split(", ")
+        out = T(seed=seed, shuffle_caption=True, keep_tokens=2).split(", ")
         assert out[:2] == ["a", "b"] and sorted(out) == list("abcdef")
-    assert len({T(seed=s, shuffle=True) for s in range(30)}) > 10  # it does shuffle
-    assert T(seed=5, shuffle=True) == T(seed=5, shuffle=True)  # and is reproducible
+    assert len({T(seed=s, shuffle_caption=True) for s in range(30)}) > 10  # it does shuffle
+    assert T(seed=5, shuffle_caption=True) == T(seed=5, shuffle_caption=True)  # and is reproducible
 
 
 def test_keep_tokens_separator_head_and_tail():
     cap = "aaa, bbb ||| ccc, ddd, eee, fff ||| ggg, hhh"
     for seed in range(10):
-        out = T(cap, seed=seed, shuffle=True, keep_tokens_separator="|||").split(", ")
+        out = T(cap, seed=seed, shuffle_caption=True, keep_tokens_separator="|||").split(", ")
         assert out[:2] == ["aaa", "bbb"] and out[-2:] == ["ggg", "hhh"] and sorted(out[2:6]) == ["ccc", "ddd", "eee", "fff"]
 
 
 def test_tag_dropout_all_and_none():
-    assert T(tag_dropout_rate=1.0, keep_tokens=1) == "a"
-    assert T(tag_dropout_rate=0.0) == CAP
+    assert T(caption_tag_dropout_rate=1.0, keep_tokens=1) == "a"
+    assert T(caption_tag_dropout_rate=0.0) == CAP
 
 
 def test_protected_tags_never_dropped():
-    out = T("keep, artist:zz, x, y, z", tag_dropout_rate=1.0, protected=("keep", "artist:*"))
+    out = T("keep, artist:zz, x, y, z", caption_tag_dropout_rate=1.0, protected_tags=("keep", "artist:*"))
     assert out == "keep, artist:zz"
 
 
 def test_caption_dropout_rate_and_every_n_epochs():
-    assert T(dropout_rate=1.0, prefix="p") == ""
-    assert T(dropout_rate=0.0) == CAP
+    assert T(caption_dropout_rate=1.0, caption_prefix="p") == ""
+    assert T(caption_dropout_rate=0.0) == CAP
     # every 2nd epoch counted from 1 (sd-scripts): 0-based epochs 1, 3, 5 drop
-    dropped = [T(epoch=e, dropout_every_n_epochs=2) == "" for e in range(6)]
+    dropped = [T(epoch=e, caption_dropout_every_n_epochs=2) == "" for e in range(6)]
     assert dropped == [False, True, False, True, False, True]
-    rate = sum(caption_dropped(CaptionOptions(dropout_rate=0.25), 0, random.Random(i)) for i in range(20000)) / 20000
+    opts = CaptionOptions(caption_dropout_rate=0.25)
+    rate = sum(caption_dropped(opts, 0, random.Random(i)) for i in range(20000)) / 20000
     assert abs(rate - 0.25) < 0.015
 
 
@@ -95,7 +96,7 @@ def test_multilevel_frequencies_match_probabilities():
 def test_multilevel_distribution_over_seeds_is_the_documented_one(n, mean_kept, lose_a_tag):
     # The figures in multilevel_keep_count's docstring: seeds 0..9999, no caption ever comes out empty.
     cap = ", ".join(f"t{i}" for i in range(n))
-    kept = [len(split_tags(T(cap, seed=s, multilevel_dropout=True), ",")) for s in range(10_000)]
+    kept = [len(split_tags(T(cap, seed=s, multilevel_tag_dropout=True), ",")) for s in range(10_000)]
     assert min(kept) == min(n, 4)
     assert sum(kept) / 10_000 == pytest.approx(mean_kept, abs=1e-9)
     assert sum(k < n for k in kept) == lose_a_tag
@@ -105,7 +106,8 @@ def test_multilevel_dropout_respects_protected_and_kept():
     tags = [f"t{i}" for i in range(20)]
     seen = set()
     for seed in range(200):
-        out = T(", ".join(tags), seed=seed, multilevel_dropout=True, keep_tokens=2, protected=("t5",)).split(", ")
+        out = T(", ".join(tags), seed=seed, multilevel_tag_dropout=True, keep_tokens=2,
+                protected_tags=("t5",)).split(", ")
         assert out[:2] == ["t0", "t1"] and "t5" in out
         # n = 20 (3 fixed or protected, 17 droppable): keep 10, 15, 6, 4 or all 20
         seen.add(len(out))
@@ -113,9 +115,9 @@ def test_multilevel_dropout_respects_protected_and_kept():
     # More protected tags than the level keeps: all of them stay, only unprotected ones go.
     many = [f"artist:{i}" for i in range(8)] + ["a", "b"]
     for seed in range(100):
-        out = T(", ".join(many), seed=seed, multilevel_dropout=True, protected=("artist:*",)).split(", ")
+        out = T(", ".join(many), seed=seed, multilevel_tag_dropout=True, protected_tags=("artist:*",)).split(", ")
         assert [t for t in out if t.startswith("artist:")] == many[:8]
-    assert T("x, y", multilevel_dropout=True, seed=0, protected=("x", "y")) == "x, y"  # nothing droppable
+    assert T("x, y", multilevel_tag_dropout=True, seed=0, protected_tags=("x", "y")) == "x, y"  # nothing droppable
 
 
 def test_synonyms_probability_one_and_zero():
@@ -128,8 +130,8 @@ def test_synonyms_probability_one_and_zero():
 
 
 def test_quality_tag_is_first_and_never_dropped():
-    assert T("a, b", quality="masterpiece", tag_dropout_rate=1.0) == "masterpiece"
-    assert T("a, b", quality="best quality", shuffle=True, seed=3).startswith("best quality, ")
+    assert T("a, b", quality="masterpiece", caption_tag_dropout_rate=1.0) == "masterpiece"
+    assert T("a, b", quality="best quality", shuffle_caption=True, seed=3).startswith("best quality, ")
 
 
 def test_quality_tags_for_scores_percentiles():
@@ -147,8 +149,8 @@ def test_quality_tags_for_scores_percentiles():
 def test_tag_order_is_stable_and_applied_before_keep_tokens():
     assert order_tags(["x", "solo", "1girl", "y", "rating:safe"], ("1girl", "solo", "rating:*")) == [
         "1girl", "solo", "rating:safe", "x", "y"]
-    assert T("x, solo, 1girl, y", tag_order=("1girl", "solo"), keep_tokens=2, shuffle=True, seed=1).startswith(
-        "1girl, solo, ")
+    assert T("x, solo, 1girl, y", tag_order=("1girl", "solo"), keep_tokens=2, shuffle_caption=True,
+             seed=1).startswith("1girl, solo, ")
 
 
 def test_pick_caption_line():
@@ -163,8 +165,8 @@ def test_split_and_tag_frequency():
 
 
 def test_draw_order_is_fixed():
-    opts = dict(shuffle=True, tag_dropout_rate=0.3, multilevel_dropout=True, dropout_rate=0.1,
-                synonyms={"a": ("A",)}, synonym_probability=0.5)
+    opts = dict(shuffle_caption=True, caption_tag_dropout_rate=0.3, multilevel_tag_dropout=True,
+                caption_dropout_rate=0.1, synonyms={"a": ("A",)}, synonym_probability=0.5)
     assert [T(seed=s, **opts) for s in range(30)] == [T(seed=s, **opts) for s in range(30)]
     # Pinned: the same seeds must keep giving these captions (caption dropout, multi-level dropout, per-tag dropout,
     # shuffle, synonyms, drawn in that order); any change of the order or of a step's draws changes them.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from library.config.caption_keys import CaptionKeys, varying_caption_keys
 from library.config.fields import opt
 from library.errors import ConfigError
 
@@ -23,7 +24,10 @@ DEFAULT_QUALITY_TAGS = ["worst quality", "bad quality", "average quality", "good
 
 
 @dataclass
-class DataConfig:
+class _DataHead:
+    """The `[data]` keys listed before the caption keys (a base class only so that --help and --print-config keep
+    this order: a dataclass lists its bases' fields first)."""
+
     # --- where the data is ---
     train_data_dir: str = opt("", "Image folder (images + caption files, or sd-scripts '<repeats>_<class>' sub-folders), or 'demo:shapes'.")
     reg_data_dir: str = opt("", "Regularization image folder (same layout); balanced against the training images as sd-scripts does.")
@@ -46,17 +50,14 @@ class DataConfig:
     bucket_no_upscale: bool = opt(False, "Give each image its own bucket no larger than the image (never upscale).")
     skip_image_resolution: int | list[int] = opt(0, "Leave out images whose area is at most this size (side or [w, h]); 0 = off.")
     num_repeats: int = opt(1, "Times each image is seen per epoch (sd-scripts '<repeats>_' folder prefix overrides it).")
-    caption_extension: str = opt(".txt", "Caption file extension next to each image (sd-scripts' default is .caption).")
-    caption_separator: str = opt(",", "Separator between tags in a caption.")
-    secondary_separator: str = opt("", "Joins parts that act as one tag (shuffled and dropped together), then becomes caption_separator.")
-    keep_tokens: int = opt(0, "Leading tags kept in place: never shuffled, never dropped.")
-    keep_tokens_separator: str = opt("", "Marks the fixed head (and optional tail) of a caption, e.g. 'a, b ||| c, d ||| e'.")
-    shuffle_caption: bool = opt(False, "Shuffle the tags after the kept ones, every time an image is seen.")
-    caption_dropout_rate: float = opt(0.0, "Probability of training on an empty caption.")
-    caption_dropout_every_n_epochs: int = opt(0, "Use empty captions for every image in every N-th epoch (0 = off).")
-    caption_tag_dropout_rate: float = opt(0.0, "Probability of dropping each (non-kept, non-protected) tag.")
-    caption_prefix: str = opt("", "Text put before every caption (before shuffling, as sd-scripts).")
-    caption_suffix: str = opt("", "Text put after every caption (before shuffling, as sd-scripts).")
+
+
+@dataclass
+class DataConfig(CaptionKeys, _DataHead):
+    """`[data]`: the keys of _DataHead, then the caption keys (CaptionKeys, library/config/caption_keys.py: also
+    every level of a dataset TOML), then these."""
+
+    # --- sd-scripts subset keys ---
     flip_aug: bool = opt(False, "Randomly mirror images left-right.")
     random_crop: bool = opt(False, "Crop at a random position instead of the centre (not with cache_latents).")
     alpha_mask: bool = opt(False, "Use the image alpha channel as a loss mask (transparent = not trained).")
@@ -104,11 +105,11 @@ class DataConfig:
         for key in ("min_bucket_reso", "max_bucket_reso") if self.enable_bucket else ():  # unused without buckets
             if getattr(self, key) % self.bucket_reso_steps:
                 raise ConfigError(f"data.{key} = {getattr(self, key)} must be divisible by data.bucket_reso_steps = {self.bucket_reso_steps}")
-        for key in ("caption_dropout_rate", "caption_tag_dropout_rate", "synonym_probability"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"data.{key} must be between 0 and 1 (got {getattr(self, key)})")
-        if min(self.keep_tokens, self.caption_dropout_every_n_epochs, self.num_workers, self.tokens_per_batch) < 0:
-            raise ConfigError("data.keep_tokens, caption_dropout_every_n_epochs, num_workers and tokens_per_batch must not be negative")
+        self.check_caption_keys("data.")
+        if not 0.0 <= self.synonym_probability <= 1.0:
+            raise ConfigError(f"data.synonym_probability must be between 0 and 1 (got {self.synonym_probability})")
+        if min(self.num_workers, self.tokens_per_batch) < 0:
+            raise ConfigError("data.num_workers and data.tokens_per_batch must not be negative")
         check_quality(self.quality_percentiles, self.quality_tag_names, "data")
         if self.cache_latents and self.random_crop:
             raise ConfigError("data.random_crop = true cannot be used with data.cache_latents = true "
@@ -121,9 +122,7 @@ class DataConfig:
             raise ConfigError("data.metadata_file is for image folders; a dataset_path / dataset_name brings its "
                               "captions in data.caption_column: remove data.metadata_file")
         if self.cache_text_encoder_outputs:
-            live = [k for k in ("shuffle_caption", "multilevel_tag_dropout") if getattr(self, k)]
-            live += [k for k in ("caption_dropout_rate", "caption_tag_dropout_rate", "synonym_probability",
-                                 "caption_dropout_every_n_epochs") if getattr(self, k)]
+            live = varying_caption_keys(self)
             if live:
                 raise ConfigError("data.cache_text_encoder_outputs = true needs fixed captions, but "
                                   + ", ".join(f"data.{k}" for k in live) + " change them while training: turn "

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from library.config.caption_keys import CaptionKeys
 from library.config.data import DataConfig
-from library.config.fields import opt
+from library.config.fields import opt, unset_copy
 from library.config.schema import build
 from library.errors import ConfigError
 
@@ -38,21 +39,11 @@ UNSUPPORTED_NEUTRAL: dict[str, Any] = {
 
 
 @dataclass
-class _SubsetKeys:
-    """Keys allowed at every level (sd-scripts 'Options for Subsets' + caption dropout + DreamBooth common)."""
+class _SubsetKeys(unset_copy(CaptionKeys, "_SubsetCaptionKeys")):
+    """Keys allowed at every level (sd-scripts 'Options for Subsets' + caption dropout + DreamBooth common): the
+    caption keys (library/config/caption_keys.py), unset unless given, and these."""
 
     num_repeats: int | None = opt(None, "Times each image is seen per epoch.")
-    shuffle_caption: bool | None = opt(None, "Shuffle the non-kept tags.")
-    keep_tokens: int | None = opt(None, "Leading tags kept in place.")
-    keep_tokens_separator: str | None = opt(None, "Separator marking the fixed head / tail of a caption.")
-    caption_separator: str | None = opt(None, "Tag separator.")
-    secondary_separator: str | None = opt(None, "Joins parts acting as one tag.")
-    caption_prefix: str | None = opt(None, "Text before every caption.")
-    caption_suffix: str | None = opt(None, "Text after every caption.")
-    caption_extension: str | None = opt(None, "Caption file extension.")
-    caption_dropout_rate: float | None = opt(None, "Probability of an empty caption.")
-    caption_dropout_every_n_epochs: int | None = opt(None, "Empty captions every N-th epoch.")
-    caption_tag_dropout_rate: float | None = opt(None, "Per-tag dropout probability.")
     flip_aug: bool | None = opt(None, "Random horizontal flip.")
     random_crop: bool | None = opt(None, "Random instead of centre crop.")
     alpha_mask: bool | None = opt(None, "Alpha channel as loss mask.")
@@ -123,25 +114,14 @@ class DatasetFile:
 
 
 @dataclass
-class SubsetSpec:
-    """One subset with every value resolved (subset > dataset > general > [data])."""
+class SubsetSpec(CaptionKeys):
+    """One subset with every value resolved (subset > dataset > general > [data]): the caption keys, and these."""
 
     image_dir: str
     metadata_file: str
     class_tokens: str
     is_reg: bool
     num_repeats: int
-    caption_extension: str
-    caption_separator: str
-    secondary_separator: str
-    keep_tokens: int
-    keep_tokens_separator: str
-    shuffle_caption: bool
-    caption_dropout_rate: float
-    caption_dropout_every_n_epochs: int
-    caption_tag_dropout_rate: float
-    caption_prefix: str
-    caption_suffix: str
     flip_aug: bool
     random_crop: bool
     alpha_mask: bool

@@ -20,3 +20,15 @@ def opt(default: Any, help: str, **metadata: Any) -> Any:
 
 def help_of(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
+
+
+def unset_copy(cls: type, name: str) -> type:
+    """A dataclass named `name` with the fields of the dataclass `cls`, each `X | None` and None (not set) by default,
+    with the same help: how a table whose keys may be left to another level declares them (dataset_file.py)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    made = dataclasses.make_dataclass(
+        name, [(f.name, hints[f.name] | None, opt(None, help_of(f))) for f in dataclasses.fields(cls)])
+    made.__module__ = cls.__module__
+    return made

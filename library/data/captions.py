@@ -1,18 +1,19 @@
 """Caption transforms: pure functions of (caption, options, random.Random). No I/O, no global state.
 
 `transform_caption` applies, in this order (each step is documented where it is implemented):
- 1. whole-caption dropout (every N-th epoch, then with probability `dropout_rate`) -> "" (sd-scripts also drops
+ 1. whole-caption dropout (every N-th epoch, then with probability `caption_dropout_rate`) -> "" (sd-scripts also drops
     the prefix / suffix then);
- 2. prefix / suffix joined with a space (sd-scripts: they are added before shuffling and take part in it);
- 3. split into tags on `separator` (stripped, empty ones removed); `keep_tokens_separator` splits a fixed head,
+ 2. caption_prefix / caption_suffix joined with a space (sd-scripts: they are added before shuffling and take part
+    in it);
+ 3. split into tags on `caption_separator` (stripped, empty ones removed); `keep_tokens_separator` splits a fixed head,
     a flexible middle and an optional fixed tail (sd-scripts semantics), else the first `keep_tokens` tags are fixed;
     `tag_order` reorders the tags before that split (the flexible middle when a separator is used);
  4. the quality tag (from the score percentile) is put first, fixed;
  5. tag dropout on the flexible tags that are not protected: Illustrious multi-level dropout, then per-tag
-    `tag_dropout_rate` on the rest;
+    `caption_tag_dropout_rate` on the rest;
  6. shuffle of the flexible tags;
  7. synonym substitution (each tag with synonyms is replaced with probability `synonym_probability`);
- 8. `secondary_separator` inside a tag becomes `separator`; tags joined with `separator + " "`.
+ 8. `secondary_separator` inside a tag becomes `caption_separator`; tags joined with it and a space.
 The random draws happen in a fixed order, so the same (caption, options, seed) always gives the same result.
 """
 
@@ -26,25 +27,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from library.config.caption_keys import CaptionKeys
 
-@dataclass(frozen=True)
-class CaptionOptions:
-    separator: str = ","
-    secondary_separator: str = ""
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    shuffle: bool = False
-    dropout_rate: float = 0.0
-    dropout_every_n_epochs: int = 0
-    tag_dropout_rate: float = 0.0
-    prefix: str = ""
-    suffix: str = ""
-    multilevel_dropout: bool = False
-    protected: tuple[str, ...] = ()
+
+@dataclass(kw_only=True)
+class CaptionOptions(CaptionKeys):
+    """The options of one subset's captions: its caption keys (library/config/caption_keys.py, the sd-scripts names
+    a subset sets) and the run-wide techniques of `[data]` below (same names; lists as tuples). Not modified after
+    it is made: variants are `dataclasses.replace` copies."""
+
+    multilevel_tag_dropout: bool = False
+    protected_tags: tuple[str, ...] = ()
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     synonym_probability: float = 0.0
     tag_order: tuple[str, ...] = ()
-    levels: tuple[tuple[str, float], ...] = ()  # caption level -> weight (choose_caption); () = off
+    caption_levels: tuple[tuple[str, float], ...] = ()  # caption level -> weight (choose_caption); () = off
 
 
 # The caption levels of the Z-Image report (tags / short / detailed captions of each image). Files: `foo.tags.txt`,
@@ -98,7 +95,7 @@ def multilevel_keep_count(n: int, rng: random.Random) -> int:
     reading rests on the four formulas as DESIGN.md quotes them.)
     The caller never drops protected or fixed (keep_tokens) tags, so they always stay, even past the count.
 
-    Measured over seeds 0..9999 (`transform_caption(caption, CaptionOptions(multilevel_dropout=True),
+    Measured over seeds 0..9999 (`transform_caption(caption, CaptionOptions(multilevel_tag_dropout=True),
     random.Random(seed))`, no protected tags; pinned in tests/test_data_captions.py):
       n = 8:  empty captions 0.00%, mean tags kept 7.6364, captions that lose a tag 13.93%;
       n = 20: empty captions 0.00%, mean tags kept 13.9168, captions that lose a tag 64.86%;
@@ -142,15 +139,15 @@ def choose_caption(captions: list[str], levels: dict[str, list[str]], opts: Capt
                    rng: random.Random) -> tuple[str, CaptionOptions]:
     """The caption text of one (epoch, sample) and the transforms that apply to it.
 
-    Without `opts.levels`: a line of `captions` (pick_caption_line), with `opts` unchanged; no extra draw.
+    Without `opts.caption_levels`: a line of `captions` (pick_caption_line), with `opts` unchanged; no extra draw.
     With them: one level is drawn among those the image has, by weight (an image without any of the weighted levels
     uses `captions`), then a line of it. Shuffle, tag dropout, multi-level dropout, synonyms and tag order apply to
     the `tags` level only: `short` and `detailed` are prose, whose word order is meaning (prefix / suffix, the
     quality tag and whole-caption dropout still apply to them).
     """
-    if not opts.levels:
+    if not opts.caption_levels:
         return pick_caption_line(captions, rng), opts
-    have = [(name, w) for name, w in opts.levels if w > 0 and levels.get(name)]
+    have = [(name, w) for name, w in opts.caption_levels if w > 0 and levels.get(name)]
     u = rng.random() * sum(w for _, w in have)  # one draw, also when the image has no level (fixed draw order)
     if not have:
         return pick_caption_line(captions, rng), opts
@@ -168,17 +165,17 @@ def choose_caption(captions: list[str], levels: dict[str, list[str]], opts: Capt
 
 def prose_options(opts: CaptionOptions) -> CaptionOptions:
     """`opts` without the tag-list transforms (for a prose caption level)."""
-    return dataclasses.replace(opts, shuffle=False, tag_dropout_rate=0.0, multilevel_dropout=False,
-                               synonym_probability=0.0, tag_order=())
+    return dataclasses.replace(opts, shuffle_caption=False, caption_tag_dropout_rate=0.0,
+                               multilevel_tag_dropout=False, synonym_probability=0.0, tag_order=())
 
 
 def caption_dropped(opts: CaptionOptions, epoch: int, rng: random.Random) -> bool:
     """Whole-caption dropout. `epoch` counts from 0; like sd-scripts (whose epochs count from 1) every N-th epoch
     means epochs N, 2N, ... counted from 1, i.e. epoch + 1 divisible by N. One draw is always consumed."""
     u = rng.random()
-    if opts.dropout_every_n_epochs > 0 and (epoch + 1) % opts.dropout_every_n_epochs == 0:
+    if opts.caption_dropout_every_n_epochs > 0 and (epoch + 1) % opts.caption_dropout_every_n_epochs == 0:
         return True
-    return u < opts.dropout_rate
+    return u < opts.caption_dropout_rate
 
 
 def transform_caption(caption: str, opts: CaptionOptions, rng: random.Random, epoch: int = 0,
@@ -186,8 +183,8 @@ def transform_caption(caption: str, opts: CaptionOptions, rng: random.Random, ep
     """The training caption for one sample (steps listed in the module docstring)."""
     if caption_dropped(opts, epoch, rng):
         return ""
-    text = " ".join(t for t in (opts.prefix, caption, opts.suffix) if t)
-    sep = opts.separator
+    text = " ".join(t for t in (opts.caption_prefix, caption, opts.caption_suffix) if t)
+    sep = opts.caption_separator
     if opts.keep_tokens_separator and opts.keep_tokens_separator in text:
         parts = text.split(opts.keep_tokens_separator)
         head = split_tags(parts[0], sep)
@@ -200,7 +197,7 @@ def transform_caption(caption: str, opts: CaptionOptions, rng: random.Random, ep
     if quality_tag:
         head = [quality_tag] + head
     flex = _drop_tags(flex, n_tags, opts, rng)
-    if opts.shuffle:
+    if opts.shuffle_caption:
         rng.shuffle(flex)
     tags = [_synonym(t, opts, rng) for t in head + flex + tail]
     if opts.secondary_separator:
@@ -209,16 +206,16 @@ def transform_caption(caption: str, opts: CaptionOptions, rng: random.Random, ep
 
 
 def _drop_tags(flex: list[str], n_tags: int, opts: CaptionOptions, rng: random.Random) -> list[str]:
-    droppable = [i for i, t in enumerate(flex) if not is_protected(t, opts.protected)]
+    droppable = [i for i, t in enumerate(flex) if not is_protected(t, opts.protected_tags)]
     dropped: set[int] = set()
-    if opts.multilevel_dropout:
+    if opts.multilevel_tag_dropout:
         # Keep `multilevel_keep_count` of all n tags: the fixed and protected ones always stay, so at most
         # len(droppable) go.
         k = min(len(droppable), n_tags - multilevel_keep_count(n_tags, rng))
         dropped.update(rng.sample(droppable, k))
-    if opts.tag_dropout_rate > 0:
+    if opts.caption_tag_dropout_rate > 0:
         # sd-scripts `caption_tag_dropout_rate`: each tag independently.
-        dropped.update(i for i in droppable if i not in dropped and rng.random() < opts.tag_dropout_rate)
+        dropped.update(i for i in droppable if i not in dropped and rng.random() < opts.caption_tag_dropout_rate)
     return [t for i, t in enumerate(flex) if i not in dropped]
 
 

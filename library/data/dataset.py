@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from library.config.caption_keys import caption_keys_of
 from library.config.data import DataConfig
 from library.config.dataset_file import DatasetSpec, SubsetSpec, load_dataset_file, resolve_datasets, resolution_pair
 from library.data import buckets as bk
@@ -100,8 +101,9 @@ def dataset_specs(cfg: DataConfig, default_resolution: int) -> list[DatasetSpec]
     else:
         raise ConfigError("no training data: set data.train_data_dir (a folder, or 'demo:shapes'), data.dataset_path "
                           "(a Hugging Face datasets folder or parquet file) or data.dataset_config")
+    source = f"{cfg.dataset_config}: " if cfg.dataset_config else ""
     for i, spec in enumerate(specs):
-        _check_spec(spec, f"dataset #{i + 1}")
+        _check_spec(spec, f"{source}dataset #{i + 1}")
     return specs
 
 
@@ -120,6 +122,7 @@ def _check_spec(spec: DatasetSpec, where: str) -> None:
     for s in spec.subsets:
         if s.num_repeats < 1:
             raise ConfigError(f"{where}: subset {s.name}: num_repeats must be at least 1")
+        s.check_caption_keys(f"{where}: subset {s.name}: ")
 
 
 def _subset(cfg: DataConfig, image_dir: str, *, is_reg: bool, repeats: int, class_tokens: str, name: str,
@@ -250,13 +253,11 @@ def assign_buckets(index: DataIndex) -> None:
 
 
 def caption_options(s: SubsetSpec, cfg: DataConfig, synonyms: dict[str, tuple[str, ...]]) -> CaptionOptions:
+    """The subset's caption keys and the run-wide caption techniques of `[data]` (`synonyms` as loaded)."""
     return CaptionOptions(
-        separator=s.caption_separator, secondary_separator=s.secondary_separator, keep_tokens=s.keep_tokens,
-        keep_tokens_separator=s.keep_tokens_separator, shuffle=s.shuffle_caption, dropout_rate=s.caption_dropout_rate,
-        dropout_every_n_epochs=s.caption_dropout_every_n_epochs, tag_dropout_rate=s.caption_tag_dropout_rate,
-        prefix=s.caption_prefix, suffix=s.caption_suffix, multilevel_dropout=cfg.multilevel_tag_dropout,
-        protected=tuple(cfg.protected_tags), synonyms=synonyms, synonym_probability=cfg.synonym_probability,
-        tag_order=tuple(cfg.tag_order), levels=tuple((k, float(w)) for k, w in cfg.caption_levels.items()))
+        **caption_keys_of(s), multilevel_tag_dropout=cfg.multilevel_tag_dropout,
+        protected_tags=tuple(cfg.protected_tags), synonyms=synonyms, synonym_probability=cfg.synonym_probability,
+        tag_order=tuple(cfg.tag_order), caption_levels=tuple((k, float(w)) for k, w in cfg.caption_levels.items()))
 
 
 def load_synonyms(cfg: DataConfig) -> dict[str, tuple[str, ...]]:

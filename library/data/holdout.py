@@ -15,7 +15,6 @@ of the dataset's batch size; `max_validation_steps` keeps the first N batches, a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections import defaultdict
@@ -23,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from library.config.caption_keys import without_varying
 from library.data import buckets as bk
 from library.data.captions import CaptionOptions, choose_caption, transform_caption
 from library.data.collate import Collate
@@ -80,12 +80,6 @@ def held_out_items(index, cfg, seed: int) -> list[int]:
     return out
 
 
-def fixed_options(opts: CaptionOptions) -> CaptionOptions:
-    """`opts` without anything random (validation captions)."""
-    return dataclasses.replace(opts, shuffle=False, dropout_rate=0.0, dropout_every_n_epochs=0, tag_dropout_rate=0.0,
-                               multilevel_dropout=False, synonym_probability=0.0)
-
-
 class ValidationData:
     """The validation images as fixed batches (dicts as the training batches, plus `sample_ids` [B])."""
 
@@ -95,8 +89,8 @@ class ValidationData:
         self.captions_of = []
         for i, it in enumerate(index.items):
             rng = random.Random(f"validation-caption:{seed}:{i}")
-            text, opts = choose_caption(it.captions, it.levels, fixed_options(options[it.subset]), rng)
-            self.captions_of.append(transform_caption(text, fixed_options(opts), rng, 0, it.quality_tag))
+            text, opts = choose_caption(it.captions, it.levels, without_varying(options[it.subset]), rng)
+            self.captions_of.append(transform_caption(text, without_varying(opts), rng, 0, it.quality_tag))
         groups: dict[tuple[int, bk.Size], list[int]] = defaultdict(list)
         for i, it in enumerate(index.items):
             groups[(it.dataset, it.placement.bucket)].append(i)

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from library.config.caption_keys import varying_caption_keys
 from library.config.data import DataConfig
 from library.data import buckets as bk
 from library.data.cache import CacheRequest, LatentStore, build_latent_store
@@ -174,14 +175,10 @@ class TrainData:
         options = self.loader.dataset.options
         for it in self.index.items:
             o, s = options[it.subset], self.index.subsets[it.subset]
-            live = [k for k, v in (("shuffle_caption", o.shuffle), ("caption_dropout_rate", o.dropout_rate),
-                                   ("caption_dropout_every_n_epochs", o.dropout_every_n_epochs),
-                                   ("caption_tag_dropout_rate", o.tag_dropout_rate),
-                                   ("multilevel_tag_dropout", o.multilevel_dropout),
-                                   ("synonym_probability", o.synonym_probability)) if v]
+            live = varying_caption_keys(o)
             if len(it.captions) > 1:
                 live.append(f"several caption lines in {it.path}")
-            if o.levels and sum(1 for name, w in o.levels if w > 0 and it.levels.get(name)) > 1:
+            if sum(1 for name, w in o.caption_levels if w > 0 and it.levels.get(name)) > 1:
                 live.append(f"data.caption_levels (several levels for {it.path})")
             if live:
                 raise ConfigError(f"data.cache_text_encoder_outputs = true, but subset '{s.name}' changes its captions "
