@@ -90,6 +90,7 @@ TIER_OF_MODULE = {
     "test_sd3_estimate.py": "unit",
     "test_sd3_flow.py": "unit",
     "test_sd3_lora.py": "acceptance",
+    "test_sd3_merge.py": "acceptance",
     "test_sd3_merge_blocks.py": "unit",
     "test_sd3_models.py": "unit",
     "test_sd3_sample.py": "acceptance",

@@ -24,12 +24,15 @@ from library.config.merge import NEEDS, TASK_MODES, MergeRecipe
 from library.errors import ConfigError, ModelFileError
 from library.fileio import atomic_path
 from library.merge import modes
-from library.merge.blocks import block_slot, parse_block_alphas
+from library.merge.blocks import block_slot, parse_block_alphas, sd3_blocks_in
 from library.merge.pipeline import run_pipeline
 from library.merge.stream import IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, TensorSource, folder_parts, open_source
+from library.merge.sd3_stream import SD3FolderSink, section_gap
 from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, open_writer
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
+from library.models.families import FAMILIES
+from library.models.sd3.single_file import variant_of_keys
 from library.models.single_file import NON_WEIGHT_KEYS, SD2_TE, SDXL_TE2
 from library.precision import DTYPES
 
@@ -60,7 +63,7 @@ def run_merge(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True, dry_
     sources = open_sources(refs, what)
     try:
         family = sources[0].family
-        combine, elementwise = checkpoint_combine(cfg, family)
+        combine, elementwise = checkpoint_combine(cfg, family, joint_blocks(sources[0]))
         keys = check_compatible(sources)
         if dry_run:
             print(f"{len(sources)} inputs of family {family} agree on {len(keys)} tensors; {m.mode} would write {out}")
@@ -88,6 +91,11 @@ def open_sources(refs: Sequence[str], what: Sequence[str]) -> list[TensorSource]
     return sources
 
 
+def joint_blocks(source: TensorSource) -> int | None:
+    """The number of MMDiT joint blocks of an SD3 source (its block slots depend on it); None for the UNets."""
+    return sd3_blocks_in(source.entries) if source.family == "sd3" else None
+
+
 def is_weight(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
     """Merged keys: floating tensors that are weights (not schedule buffers, markers or position ids)."""
     return dtype.is_floating_point and key not in NON_WEIGHT_KEYS and len(shape) > 0
@@ -98,6 +106,9 @@ def check_compatible(sources: Sequence[TensorSource]) -> list[str]:
     input may hold weights A lacks; non-weight keys (schedule buffers, markers) come from A."""
     a = sources[0]
     for s in sources[1:]:
+        gap = section_gap(a, s) if a.family == "sd3" else None
+        if gap:
+            raise ModelFileError(gap)
         for key, e in a.entries.items():
             if not is_weight(key, e.dtype, e.shape):
                 continue
@@ -115,8 +126,9 @@ def check_compatible(sources: Sequence[TensorSource]) -> list[str]:
     return a.keys()
 
 
-def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, Elementwise]:
-    """The per-key function of the configured mode, and whether it is elementwise (may run on chunks)."""
+def checkpoint_combine(cfg: MergeRecipe, family: str, n_blocks: int | None = None) -> tuple[Combine, Elementwise]:
+    """The per-key function of the configured mode, and whether it is elementwise (may run on chunks).
+    `n_blocks`: SD3's number of joint blocks (`joint_blocks`), which sets its block slots."""
     m = cfg.merge
     if m.mode in TASK_MODES:
         weights = list(m.weights) or [1.0] * len(m.models)
@@ -127,8 +139,10 @@ def checkpoint_combine(cfg: MergeRecipe, family: str) -> tuple[Combine, Elementw
             return modes.task_merge(m.mode, ts[0], ts[1:], weights, m.density, m.scale, g)  # type: ignore[arg-type]
 
         return task, False
-    alphas = parse_block_alphas(m.block_alphas, family, m.alpha, what="merge.block_alphas")  # type: ignore[arg-type]
-    betas = parse_block_alphas(m.block_betas, family, m.beta, what="merge.block_betas")  # type: ignore[arg-type]
+    alphas = parse_block_alphas(m.block_alphas, family, m.alpha, what="merge.block_alphas",  # type: ignore[arg-type]
+                                n_blocks=n_blocks)
+    betas = parse_block_alphas(m.block_betas, family, m.beta, what="merge.block_betas",  # type: ignore[arg-type]
+                               n_blocks=n_blocks)
 
     def combine(key: str, ts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         slot = block_slot(key, family)  # type: ignore[arg-type]
@@ -220,6 +234,8 @@ def write_merge(sources: Sequence[TensorSource], keys: list[str], combine: Combi
     with atomic_path(out_path) as tmp:
         if fmt == "single_file":
             sink: Any = open_writer(tmp, specs, metadata)  # O_DIRECT where the file system takes it
+        elif a.family == "sd3":
+            sink = SD3FolderSink(tmp, specs, _config_dir(sources, cfg), recipe_text)
         else:
             sink = DiffusersSink(tmp, specs, _config_dir(sources, cfg), a.family, recipe_text)
         work = work_buffers(len(sources)) if elementwise else None
@@ -278,14 +294,21 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def recipe_metadata(a: TensorSource, recipe_text: str, title: str, recipe_hash: str) -> dict[str, str]:
-    """Header metadata of a merged single file: the recipe (and its hash), prediction type, title and date."""
-    return {
+    """Header metadata of a merged single file: the recipe (and its hash), prediction type, title and date; SD3
+    files also their architecture (as save_sd3_single_file writes it) and "flow" (as our SD3 LoRAs say)."""
+    meta = {
         "sdtk_merge_recipe": recipe_text,
         "sdtk_config_hash": recipe_hash,  # library.config.core.config_hash, as in every file we write
         "modelspec.prediction_type": "v" if a.prediction_type == "v_prediction" else "epsilon",
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if a.family == "sd3":
+        from library.models.families import SD3_VARIANTS
+
+        meta["modelspec.prediction_type"] = "flow"
+        meta["modelspec.architecture"] = SD3_VARIANTS[variant_of_keys(a.entries)].architecture
+    return meta
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
@@ -296,17 +319,22 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 
 
 def _config_dir(sources: Sequence[TensorSource], cfg: MergeRecipe) -> Path:
-    """Configs of a diffusers output: output.config_dir, else the first diffusers-folder input, else bundled."""
-    from library.models.configs import bundled_config_for
+    """Configs of a diffusers output: output.config_dir, else the first diffusers-folder input, else bundled (SD3:
+    the bundled folder of the variant its keys show)."""
+    from library.models.configs import bundled_config_dir, bundled_config_for
 
+    denoiser = FAMILIES[sources[0].family].denoiser  # unet/ or, for SD3, transformer/
     if cfg.output.config_dir:
         d = Path(cfg.output.config_dir).expanduser()
-        if not (d / "unet" / "config.json").is_file():
-            raise ConfigError(f"output.config_dir = '{d}' is not a diffusers config folder (no unet/config.json)")
+        if not (d / denoiser / "config.json").is_file():
+            raise ConfigError(f"output.config_dir = '{d}' is not a diffusers config folder of an "
+                              f"{sources[0].family} model (no {denoiser}/config.json)")
         return d
     for s in sources:
         if s.folder is not None:
             return s.folder
+    if sources[0].family == "sd3":
+        return bundled_config_dir(variant_of_keys(sources[0].entries))
     return bundled_config_for(sources[0].family, sources[0].prediction_type)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from library.merge.stream import DTYPE_NAMES
+from library.merge.tensor_file import DTYPE_NAMES
 
 
 # While writing, every WRITEBACK_BYTES the writer asks the kernel to start writing the finished part to disk and to

@@ -22,6 +22,8 @@ Layouts:
   written exactly as one rank-3r LoRA: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha' = 3 alpha, so
   up @ down * alpha' / 3r = [B_q A_q; B_k A_k; B_v A_v] * alpha / r. Reading back needs that block-diagonal up (what
   we write); a fused LoRA trained by sd-scripts has no exact split into three rank-r LoRAs and is refused by name.
+  Deltas are of the tensors as the file stores them: the last block's context adaLN linear (`all_linear`), stored
+  with its (shift, scale) halves in the other order than diffusers' (scale, shift), gets lora_up's halves exchanged.
 """
 
 from __future__ import annotations
@@ -116,6 +118,20 @@ def _mmdit_file_module(config: Mapping[str, Any], path: str) -> tuple[str, int |
     raise ModelFileError(f"transformer.{path}: no sd-scripts name is known for this layer")
 
 
+def stored_swapped(config: Mapping[str, Any], component: str, path: str) -> bool:
+    """Whether the single file stores this layer's output rows with their halves exchanged (the last block's
+    context adaLN linear, keymaps.mmdit_modules): its sd-scripts LoRA then has lora_up's halves exchanged too, so
+    that up @ down is the delta of the stored tensor, as sd-scripts and ComfyUI apply it."""
+    from library.models.sd3.keymaps import mmdit_modules
+
+    return component == "unet" and path in mmdit_modules(config)[2]
+
+
+def _swap_rows(t: torch.Tensor) -> torch.Tensor:
+    h = t.shape[0] // 2
+    return torch.cat([t[h:], t[:h]])
+
+
 def sd_scripts_name(config: Mapping[str, Any], component: str, path: str) -> tuple[str, int | None]:
     if component == "unet":
         module, index = _mmdit_file_module(config, path)
@@ -151,6 +167,8 @@ def state_dict_sd3(model: Any, network: Any, layout: Layout = "diffusers",
         else:
             name, index = sd_scripts_name(model.unet.config, m.component, m.path)
             if index is None:
+                if stored_swapped(model.unet.config, m.component, m.path):
+                    b = _swap_rows(b)
                 out.update({f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b,
                             f"{name}.alpha": torch.tensor(float(m.alpha))})
             else:
@@ -195,8 +213,9 @@ def load_sd3_into(model: Any, network: Any, sd: Mapping[str, torch.Tensor], meta
             continue
         name, index = sd_scripts_name(model.unet.config, m.component, m.path)
         if index is None:
+            up = sd[f"{name}.lora_up.weight"]
             a.copy_(sd[f"{name}.lora_down.weight"])
-            b.copy_(sd[f"{name}.lora_up.weight"])
+            b.copy_(_swap_rows(up) if stored_swapped(model.unet.config, m.component, m.path) else up)
         else:
             fused_parts.setdefault(name, []).append((index, m))
     for name, parts in fused_parts.items():
