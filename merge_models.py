@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Merge SD1.x / SD2.x / SDXL checkpoints from a TOML recipe, streaming tensor by tensor.
+"""Merge SD1.x / SD2.x / SDXL / SD3 / SD3.5 checkpoints from a TOML recipe, streaming tensor by tensor.
 
     python merge_models.py --config configs/quickstart_merge.toml
     python merge_models.py --merge.model_a a.safetensors --merge.model_b b.safetensors --merge.alpha 0.3 \\
         --output.path merged.safetensors
     python merge_models.py --config my_merge.toml --merge.block_alphas GRAD_V --print-config
 
-Modes: weighted sum, add difference, triple sum, sum twice (each with per-block alphas: SD1/SD2 26 slots, SDXL 20),
-TIES / DARE task-vector merges, LoRAs merged into a checkpoint, LoRA extraction by SVD and LoRA rank resizing.
-Inputs: single-file .safetensors (.ckpt through the weights-only loader), diffusers folders or tiny: references, of one
-family. Output: a single .safetensors file or a diffusers folder (fp16 / bf16 / fp32), the recipe in its metadata.
+Modes: weighted sum, add difference, triple sum, sum twice (each with per-block alphas: SD1/SD2 26 slots, SDXL 20,
+SD3 N joint blocks + 7: BASE, five embedders, joint_blocks.0..N-1, final_layer), TIES / DARE task-vector merges,
+LoRAs merged into a checkpoint, LoRA extraction by SVD and LoRA rank resizing (SD3 LoRAs: the diffusers/peft layout
+train_lora.py writes, or sd-scripts'; extracted ones are written in the diffusers/peft layout).
+Inputs: single-file .safetensors (.ckpt through the weights-only loader; SD3 files with or without their text
+encoders, both inputs alike), diffusers folders or tiny: references, of one family. Output: a single .safetensors
+file or a diffusers folder (fp16 / bf16 / fp32), the recipe in its metadata.
 """
 
 from __future__ import annotations

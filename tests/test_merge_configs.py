@@ -21,11 +21,13 @@ def test_configs_exist():
 def test_config_loads_and_round_trips(path):
     cfg = load_config(MergeRecipe, path)
     assert load_config(MergeRecipe, __import__("tomllib").loads(dump_toml(cfg))) == cfg
-    family = "sdxl" if "sdxl" in path.name else "sd1"
-    parse_block_alphas(cfg.merge.block_alphas, family, cfg.merge.alpha, what="merge.block_alphas")
-    parse_block_alphas(cfg.merge.block_betas, family, cfg.merge.beta, what="merge.block_betas")
+    family = "sdxl" if "sdxl" in path.name else "sd3" if path.name.startswith("sd3") else "sd1"
+    # SD3's slots follow its joint blocks: 24 for SD3 / SD3.5 Medium, 38 for SD3.5 Large.
+    n = (38 if path.name.startswith("sd35l") else 24) if family == "sd3" else None
+    parse_block_alphas(cfg.merge.block_alphas, family, cfg.merge.alpha, what="merge.block_alphas", n_blocks=n)
+    parse_block_alphas(cfg.merge.block_betas, family, cfg.merge.beta, what="merge.block_betas", n_blocks=n)
     for entry in cfg.lora:
-        parse_block_alphas(entry.block_weights, family, 1.0, what="lora.block_weights")
+        parse_block_alphas(entry.block_weights, family, 1.0, what="lora.block_weights", n_blocks=n)
 
 
 @pytest.mark.parametrize("tables,message", [

@@ -4,7 +4,9 @@ LoRA extraction / resizing, `[output]` where and in which precision. No torch he
 Block weights (`block_alphas`, `block_betas`, `[[lora]].block_weights`) take the forms users paste from the A1111
 "Merge Block Weighted" extension and supermerger: 25 values (SDXL 19) for IN00..OUT11 (SDXL ..OUT08) with BASE from
 the plain value, 26 (SDXL 20) with BASE first, the same as one comma-separated string, or a preset name
-(library/merge/blocks.py PRESETS). The count is checked once the model family is known.
+(library/merge/blocks.py PRESETS). SD3 / SD3.5 (ComfyUI's ModelMergeSD3 slots): N + 6 values for pos_embed,
+x_embedder, context_embedder, y_embedder, t_embedder, joint_blocks.0..N-1 and final_layer (N = 24 for SD3 / SD3.5
+Medium, 38 for SD3.5 Large), or N + 7 with BASE first. The count is checked once the model is opened.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class MergeConfig:
     alpha: float = opt(0.5, "a: the weight of B in the formulas above (BASE slot when block_alphas has no BASE).")
     beta: float = opt(0.0, "b: the weight of C in triple_sum / sum_twice.")
     block_alphas: str | list[float] = opt(
-        "", "Per-block a: 25/26 values (SDXL 19/20), a comma-separated string of them, or a preset (e.g. GRAD_V).")
+        "", "Per-block a: 25/26 values (SDXL 19/20; SD3 joint blocks + 6/7), a comma-separated string of them, or "
+            "a preset (e.g. GRAD_V).")
     block_betas: str | list[float] = opt("", "Per-block b, in the same forms as block_alphas.")
     models: list[str] = opt([], "ties / dare / dare_ties: the fine-tuned models whose deltas from model_a merge.")
     weights: list[float] = opt([], "ties / dare: one weight per entry of `models` (default 1 each).")
@@ -73,7 +76,7 @@ class MergeConfig:
 class LoraEntry:
     """`[[lora]]`: one kohya-format LoRA merged into model_a (mode lora_merge)."""
 
-    path: str = opt("", "The LoRA .safetensors file (kohya format).")
+    path: str = opt("", "The LoRA .safetensors file (kohya format; SD3: the diffusers/peft or sd-scripts layout).")
     strength: float = opt(1.0, "Multiplier of this LoRA's delta (as <lora:name:strength> in A1111).")
     block_weights: str | list[float] = opt(
         "", "Per-block strength multipliers in the block_alphas forms (BASE = text encoders); '' = all 1.")
@@ -87,7 +90,8 @@ class LoraEntry:
 class ExtractConfig:
     """`[extract]`: LoRA extraction (model_b - model_a by SVD) and resizing."""
 
-    rank: int = opt(32, "Rank of the Linear / 1x1-conv layers of the extracted or resized LoRA.")
+    rank: int = opt(32, "Rank of the Linear / 1x1-conv layers of the extracted or resized LoRA (an SD3 LoRA is "
+                        "written in the diffusers/peft layout).")
     conv_rank: int = opt(0, "Rank of the 3x3-conv layers (LoCon); 0 = leave 3x3 convs out.")
     clamp_quantile: float = opt(0.99, "Clamp the factors' values at this quantile of their magnitudes (sd-scripts "
                                       "extract_lora_from_models clamp_quantile); 1 = no clamp.")
