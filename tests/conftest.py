@@ -87,6 +87,7 @@ TIER_OF_MODULE = {
     "test_safe_load.py": "unit",
     "test_save_overflow.py": "e2e",
     "test_schedule_shift.py": "unit",
+    "test_sd3_dreambooth.py": "acceptance",
     "test_sd3_estimate.py": "unit",
     "test_sd3_flow.py": "unit",
     "test_sd3_lora.py": "acceptance",

@@ -319,6 +319,18 @@ def class_size(db: DreamBoothConfig, data, model_cfg) -> tuple[int, int]:
     return side, side
 
 
+def check_class_sampler(db: DreamBoothConfig, model_cfg) -> None:
+    """SD3 (rectified flow) generates with the flow-match Euler scheduler it ships (sample.make_scheduler reads
+    'euler_a' as that Euler): another dreambooth.class_sampler is refused by its key before the model is loaded."""
+    if db.class_sampler in ("euler", "euler_a"):
+        return
+    from library.models.peek import peek_model
+
+    if peek_model(model_cfg).family == "sd3":
+        raise ConfigError(f"dreambooth.class_sampler = {db.class_sampler!r}: an SD3 model generates its class images "
+                          "with 'euler' (FlowMatchEulerDiscreteScheduler); set dreambooth.class_sampler = 'euler'")
+
+
 def _sampling_model(model_cfg, train_cfg):
     """The base model on the training device (fp16 on CUDA: generation only), for class images."""
     import torch
@@ -345,6 +357,8 @@ def prepare_data(db: DreamBoothConfig, data, model_cfg, train_cfg, dataset_stem:
     if data.dataset_config and not data.train_data_dir and not db.concepts:
         return data, None  # the user's own sd-scripts dataset file (with is_reg subsets) defines everything
     concepts = resolve_concepts(db, data.train_data_dir, data.reg_data_dir)
+    if db.prior_preservation:
+        check_class_sampler(db, model_cfg)
     paired = db.prior_preservation and db.prior_mode == "paired"
     width, height = class_size(db, data, model_cfg)
     identity = model_identity(model_cfg)
