@@ -163,6 +163,10 @@ def test_inputs_must_agree(tmp_path, inputs, capsys):
     assert rc != 0 and "error: merge.model_b = 'tiny:sd3:seed=1' is an sd3 model but merge.model_a = " \
                        "'tiny:sd15' is sd1" in err
     assert not (tmp_path / "y.safetensors").exists()
+    assert main(["--merge.model_a", A, "--merge.model_b", B, "--output.path", str(tmp_path / "y.safetensors"),
+                 "--dry-run", "--no_progress"]) == 0
+    assert "2 inputs of family sd3 agree on 456 tensors" in capsys.readouterr().out
+    assert not (tmp_path / "y.safetensors").exists()
     with pytest.raises(ModelFileError, match="holds the clip_l text encoder .* but .*a_core.safetensors does not"):
         _run(tmp_path, "z.safetensors", merge={"model_a": A, "model_b": str(inputs["a_core"])})
     with pytest.raises(ConfigError, match="takes 9 \\(pos_embed..final_layer"):
