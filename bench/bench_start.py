@@ -51,7 +51,7 @@ cache_latents = false
 num_workers = 0
 [train]
 max_train_steps = 1
-[save]
+{train}[save]
 output_dir = "{out}"
 save_state = false
 [log]
@@ -118,17 +118,21 @@ torch.nn.modules.module.register_module_forward_pre_hook(unet_pre_hook)
 from diffusers import DDPMScheduler, {pipe}
 from peft import LoraConfig
 torch.manual_seed(0)
-pipe = {pipe}.from_single_file(sys.argv[1], config=sys.argv[2], local_files_only=True, torch_dtype=torch.float32)
+dtype = getattr(torch, sys.argv[3])  # frozen weights, as diffusers' train_text_to_image_lora.py keeps them
+pipe = {pipe}.from_single_file(sys.argv[1], config=sys.argv[2], local_files_only=True, torch_dtype=dtype)
 unet, vae = pipe.unet, pipe.vae
 for m in (unet, vae, pipe.text_encoder, *([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])):
     m.requires_grad_(False)
 unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
 params = [p for p in unet.parameters() if p.requires_grad]
+for p in params:  # the script's cast_training_params: trained LoRA weights in fp32
+    p.data = p.data.float()
+vae.to(torch.float32)
 opt = torch.optim.AdamW(params, lr=1e-4)
 sched = DDPMScheduler.from_config(pipe.scheduler.config)
 image = torch.rand(1, 3, 64, 64) * 2 - 1
 with torch.no_grad():
-    latents = vae.encode(image).latent_dist.sample() * vae.config.scaling_factor
+    latents = (vae.encode(image).latent_dist.sample() * vae.config.scaling_factor).to(dtype)
     if hasattr(pipe, "text_encoder_2"):
         emb, _, pooled, _ = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1,
                                                do_classifier_free_guidance=False)
@@ -137,8 +141,9 @@ with torch.no_grad():
         emb = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
         extra = {{}}
 noise = torch.randn_like(latents); t = torch.tensor([500])
-pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb, **extra).sample
-torch.nn.functional.mse_loss(pred, noise).backward(); opt.step()
+with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb, **extra).sample
+torch.nn.functional.mse_loss(pred.float(), noise.float()).backward(); opt.step()
 marks["first step done"] = time.time() - T0
 print("BENCH " + json.dumps({{"marks": marks}}), file=sys.stderr, flush=True)
 """
@@ -169,9 +174,9 @@ def child(args: list[str], cwd: Path = REPO, env: dict | None = None) -> tuple[f
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, err
 
 
-def write_config(tmp: Path, name: str, model: str, batch: int = 2, network: str = "") -> Path:
+def write_config(tmp: Path, name: str, model: str, batch: int = 2, network: str = "", train: str = "") -> Path:
     cfg = tmp / f"{name}.toml"
-    cfg.write_text(CONFIG.format(model=model, out=tmp / f"out-{name}", batch=batch, network=network))
+    cfg.write_text(CONFIG.format(model=model, out=tmp / f"out-{name}", batch=batch, network=network, train=train))
     return cfg
 
 
@@ -260,17 +265,22 @@ save_single_file(model, {str(path)!r}, dtype=torch.float16)
     return path
 
 
-def full(tmp: Path, kinds: list[str], repeat: int) -> dict:
+TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
+
+
+def full(tmp: Path, kinds: list[str], repeat: int, precision: str) -> dict:
     from library.models.configs import bundled_config_dir
 
     out = {}
     for kind in kinds:
         path = full_size_file(kind)
         # The adapters diffusers' LoRA script trains (UNet attention projections), so both steps do the same work.
-        cfg = write_config(tmp, f"full-{kind}", str(path), batch=1, network='target = "attn"\ntrain_unet_only = true\n')
+        cfg = write_config(tmp, f"full-{kind}", str(path), batch=1, network='target = "attn"\ntrain_unet_only = true\n',
+                           train=f'mixed_precision = "{precision}"\n')
         pipe = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
         ours = [sys.executable, "-c", PHASES, str(cfg)]  # train_lora.py, stopped right after the first step
-        theirs = [sys.executable, "-c", DIFFUSERS_STEP.format(pipe=pipe), str(path), str(bundled_config_dir(kind))]
+        theirs = [sys.executable, "-c", DIFFUSERS_STEP.format(pipe=pipe), str(path), str(bundled_config_dir(kind)),
+                  TORCH_DTYPE[precision]]
         load_only = [sys.executable, "-c", LOAD_ONLY, str(path)]
         samples: dict[str, list] = {"toolkit": [], "diffusers from_single_file": [], LOAD_ONLY_NAME: []}
         marks: dict[str, list] = {"toolkit": [], "diffusers from_single_file": []}
@@ -288,7 +298,7 @@ def full(tmp: Path, kinds: list[str], repeat: int) -> dict:
         for r in res.values():
             r["peak_rss_over_file"] = round(r["peak_rss_mib"] / size_mib, 2)
         ref = res["diffusers from_single_file"]
-        out[kind] = {"file_mib": round(size_mib), **res,
+        out[kind] = {"file_mib": round(size_mib), "mixed_precision": precision, **res,
                      "toolkit_over_diffusers_start": round(res["toolkit"]["start_s"] / ref["start_s"], 2),
                      "toolkit_over_diffusers_wall": round(res["toolkit"]["wall_s"] / ref["wall_s"], 2)}
     return out
@@ -307,6 +317,9 @@ def main() -> None:
     ap.add_argument("--baseline-tree", type=Path, default=None, help="an older checkout to run the tiny run from")
     ap.add_argument("--full", default="", help="comma-separated: sd15, sdxl (full-size single files)")
     ap.add_argument("--full-repeat", type=int, default=1)
+    ap.add_argument("--full-precision", default="bf16", choices=sorted(TORCH_DTYPE),
+                    help="train.mixed_precision of the full-size runs (frozen weights in it; bf16 is the CPU's "
+                         "half precision, fp16 trains in fp32 there)")
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args()
     result: dict = {"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()],
@@ -319,7 +332,8 @@ def main() -> None:
             result["tiny"] = tiny(tmp, args.repeat, args.baseline_tree)
             result["phases"] = phases(tmp)
         if args.full:
-            result["full"] = full(tmp, [k for k in args.full.split(",") if k], args.full_repeat)
+            result["full"] = full(tmp, [k for k in args.full.split(",") if k], args.full_repeat,
+                                  args.full_precision)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
     out = REPO / "bench" / "results" / "start.json"

@@ -64,6 +64,7 @@ TIER_OF_MODULE = {
     "test_keymaps.py": "acceptance",
     "test_lean_start.py": "e2e",
     "test_load_index.py": "acceptance",
+    "test_load_precision.py": "e2e",
     "test_lora_interop.py": "acceptance",
     "test_lora_keys.py": "acceptance",
     "test_lora_network.py": "unit",

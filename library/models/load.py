@@ -66,9 +66,11 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype | None = torch.float32) -
     forced = cfg.resolved_prediction_type()
     if forced and model.family != "sd3":  # SD3 is rectified flow; its loader refuses other forced types
         set_prediction_type(model, forced)  # type: ignore[arg-type]
+    from library.precision import cast_floating_
+
     for module in (model.unet, model.vae, *model.text_encoders):
-        if dtype is not None and module.dtype != dtype:
-            module.to(dtype=dtype)
+        if dtype is not None:
+            cast_floating_(module, dtype)
         module.eval().requires_grad_(False)
     return model
 

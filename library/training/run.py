@@ -58,18 +58,22 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
     from library.models.load import load_model
     from library.models.peek import needs_weights, peek_loaded
     from library.training.loop import LoopSettings, train
+    from library.precision import cast_floating_
     from library.training.plan import make_plan
+    from library.training.setup import load_dtype
 
     t0 = time.perf_counter()
     apply_cpu_threads(cfg.train)  # before DreamBooth generates class images in make_plan
+    dtype = load_dtype(cfg.train)
     if needs_weights(cfg.model):  # a pickle checkpoint without model.family: only loading it tells what it is
         torch.manual_seed(cfg.train.seed)
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, dtype=dtype)
         plan = make_plan(cfg, method, script=script, peek=peek_loaded(model))
     else:
         plan = make_plan(cfg, method, script=script)
         torch.manual_seed(cfg.train.seed)
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, dtype=dtype)
+    cast_floating_(model.vae, torch.float32)  # the SD/SDXL VAEs overflow in fp16; latent caching comes next
     plan = plan.confirm(model, cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cache_only:  # an on-disk cache for later runs; ConfigError unless data.cache_latents(_to_disk) are on

@@ -31,13 +31,26 @@ def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
 
     accelerate's Accelerator(cpu=True, mixed_precision="fp16") silently trains in fp32; we say it out loud instead.
     """
-    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+    if _runs_fp32(cfg, device):
         print("note: train.mixed_precision = 'fp16' is not supported on CPU; training in fp32 "
               "(use 'bf16' for CPU autocast)", file=sys.stderr)
         return "no"
     if device.type == "cuda" and cfg.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.mixed_precision = 'bf16' but this GPU has no bf16 support; use 'fp16'")
     return cfg.mixed_precision
+
+
+def _runs_fp32(cfg: TrainConfig, device: torch.device) -> bool:
+    return device.type == "cpu" and cfg.mixed_precision == "fp16"
+
+
+def load_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype the base model is loaded in: None (weights as stored) when the frozen weights will be half
+    precision, so an fp16 file never gets a full-precision copy (the loop's placement then casts each frozen weight
+    to the autocast dtype and each trained one to fp32, one tensor at a time); fp32 otherwise."""
+    if cfg.mixed_precision in ("fp16", "bf16") and not _runs_fp32(cfg, pick_device(cfg)):
+        return None
+    return torch.float32
 
 
 def make_accelerator(cfg: TrainConfig, device: torch.device, precision: str, deepspeed_plugin: Any = None):

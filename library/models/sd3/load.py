@@ -75,7 +75,7 @@ def load_sd3_folder(folder: Path, cfg: Any, *, dtype: torch.dtype = torch.float3
 
                 t5 = _empty_t5(folder / "text_encoder_3")
                 load_separate(t5, "t5xxl", Path(t5_file).expanduser())
-                encoders.append(t5.to(dtype))
+                encoders.append(t5 if dtype is None else t5.to(dtype))
             else:
                 encoders.append(T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", dtype=dtype,
                                                                variant=variant))
