@@ -22,16 +22,28 @@ Two mechanisms, both set by `block_unused()` at a script's fresh start (library/
    without running its `__init__.py`; its submodules import as usual (`diffusers.models.unets.unet_2d_condition`
    loads that file only), and the first lookup of a name the package does not hold yet runs the real `__init__.py`
    (PEP 562 module `__getattr__`), so `from diffusers.models.unets import UNet2DConditionModel` and every other use
-   work as before. No package offers a switch for either, hence the few lines here.
+   work as before. A name that is a submodule of the package imports that submodule only. No package offers a
+   switch for either, hence the few lines here.
+3. transformers' lazy index, cached (AFTER_EXEC). transformers' own `__init__.py` (5.x) reads every file of its
+   ~560 model folders to learn which module defines which name (`define_import_structure`), at every start: diffusers'
+   LoRA loader, which every UNet imports, asks it for `PreTrainedModel`. The index depends only on the installed
+   transformers, so it is computed once per installed version (keyed by its version and the models folder's
+   modification time), kept as JSON in the cache folder (library/paths.py) and handed to transformers' function
+   from then on; everything else in its __init__.py runs as usual.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
+import json
+import os
 import sys
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 UNUSED_AT_START = ("bitsandbytes", "scipy")
 DEFERRED_INITS = (
@@ -54,29 +66,101 @@ class _DeferredInit(importlib.abc.Loader):
         return self.real.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        real = self.real
+        real, package = self.real, module.__name__
 
         def __getattr__(name: str) -> Any:
             if name.startswith("__"):  # dunder probes (__path__ is set; __all__, __wrapped__, ...) stay misses
-                raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+                raise AttributeError(f"module {package!r} has no attribute {name!r}")
+            if importlib.util.find_spec(f"{package}.{name}") is not None:  # `from . import sub`: that file only
+                return importlib.import_module(f"{package}.{name}")
             module.__dict__.pop("__getattr__", None)  # from here on, ordinary module semantics
             real.exec_module(module)  # the package's own __init__.py, in its own namespace
-            return getattr(sys.modules[module.__name__], name)
+            final = sys.modules[package]
+            if final is not module:  # the __init__ put a lazy module in its place (transformers): forward to it
+                module.__getattr__ = lambda n: getattr(final, n)  # type: ignore[attr-defined]
+            return getattr(final, name)
 
         module.__getattr__ = __getattr__  # type: ignore[attr-defined]
 
 
+class _PatchAfterExec(importlib.abc.Loader):
+    """Runs the module as the real loader would, then `patch(module)` (AFTER_EXEC)."""
+
+    def __init__(self, real: importlib.abc.Loader, patch: Callable[[ModuleType], None]):
+        self.real, self.patch = real, patch
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.real.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.real.exec_module(module)
+        self.patch(module)
+
+
 class _DeferringFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if name not in DEFERRED_INITS:
+        if name not in DEFERRED_INITS and name not in AFTER_EXEC:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None and spec.submodule_search_locations is not None:
+        if spec is None or spec.loader is None:
+            return spec
+        if name in AFTER_EXEC:
+            spec.loader = _PatchAfterExec(spec.loader, AFTER_EXEC[name])
+        elif spec.submodule_search_locations is not None:
             spec.loader = _DeferredInit(spec.loader)
         return spec
 
 
 _FINDER = _DeferringFinder()
+
+
+def _cache_transformers_index(import_utils: ModuleType) -> None:
+    """Answer `define_import_structure` of transformers' models folder from the cache (written on a miss). Any
+    failure to read or write the cache just computes the index as transformers does."""
+    real = getattr(import_utils, "define_import_structure", None)
+    if real is None:  # another transformers: nothing to speed up
+        return
+    memo: dict[str, Any] = {}
+
+    def define_import_structure(module_path: Any, prefix: str | None = None) -> Any:
+        path = Path(module_path)
+        if prefix != "models" or path.name != "models":
+            return real(module_path, prefix)
+        from importlib.metadata import version
+
+        from library.paths import cache_dir
+
+        key = f"transformers-{version('transformers')}-{path.stat().st_mtime_ns}"
+        if key not in memo:  # transformers runs its __init__.py twice (processing_utils imports it directly)
+            memo[key] = _read_index(cache_dir() / "lean" / f"{key}.json") or _write_index(
+                cache_dir() / "lean" / f"{key}.json", real(module_path, prefix))
+        return memo[key]
+
+    import_utils.define_import_structure = define_import_structure
+
+
+def _read_index(path: Path) -> Any:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return {frozenset(backends): {m: set(names) for m, names in mods.items()} for backends, mods in rows}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_index(path: Path, index: Any) -> Any:
+    try:
+        rows = [[sorted(b), {m: sorted(n) for m, n in mods.items()}] for b, mods in index.items()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows), encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, TypeError):
+        pass
+    return index
+
+
+# Modules patched right after they execute (before anything can call them).
+AFTER_EXEC: dict[str, Callable[[ModuleType], None]] = {"transformers.utils.import_utils": _cache_transformers_index}
 
 
 def block_unused() -> None:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -128,3 +129,59 @@ def test_training_imports_bitsandbytes_only_for_an_8bit_optimizer(tmp_path):
     assert (tmp_path / "AdamW" / "sample").is_dir()
     if importlib.util.find_spec("torchvision") is None:
         assert "torchvision" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_deferred_package_gives_submodules_alone_and_forwards_to_a_replacing_init(tmp_path, monkeypatch):
+    """`from pkg import sub` imports that file only; an __init__.py that puts another module in its place in
+    sys.modules (transformers' _LazyModule) is forwarded to for every later name, through the first object too."""
+    pkg = tmp_path / "lazypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import sys, types\nsys.lazypkg_inits += 1\nlazy = types.ModuleType(__name__)\n"
+        "lazy.__path__ = __path__\nlazy.ONE, lazy.TWO = 1, 2\nsys.modules[__name__] = lazy\n")
+    (pkg / "part.py").write_text("PART = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "lazypkg_inits", 0, raising=False)
+    monkeypatch.setattr(lean, "UNUSED_AT_START", ())
+    monkeypatch.setattr(lean, "DEFERRED_INITS", ("lazypkg",))
+    monkeypatch.setattr(lean, "CHECKERS", ())
+    for name in ("lazypkg", "lazypkg.part"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    lean.block_unused()
+    try:
+        first = importlib.import_module("lazypkg")
+        from lazypkg import part
+
+        assert part.PART == 3 and sys.lazypkg_inits == 0
+        assert first.ONE == 1 and sys.lazypkg_inits == 1
+        assert first.TWO == 2 and sys.lazypkg_inits == 1  # forwarded, not an AttributeError
+    finally:
+        lean.unblock_all()
+
+
+def test_transformers_index_from_the_cache_is_transformers_own(tmp_path, monkeypatch):
+    """The cached lazy index of transformers' models folder equals the one transformers computes, and a second
+    process reads it from the cache without computing it."""
+    from pathlib import Path
+
+    import transformers.utils.import_utils as iu
+
+    monkeypatch.setenv("SDTK_CACHE", str(tmp_path))
+    models = Path(iu.__file__).parent.parent / "models"
+    real = getattr(iu.define_import_structure, "__wrapped__", None) or iu.define_import_structure
+    computed = real(models, prefix="models")
+    stand_in = types.ModuleType("stand_in")
+    stand_in.define_import_structure = real
+    lean._cache_transformers_index(stand_in)
+    assert stand_in.define_import_structure(models, prefix="models") == computed  # computed, then written
+    assert len(list((tmp_path / "lean").glob("transformers-*.json"))) == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("computed again")
+
+    again = types.ModuleType("again")
+    again.define_import_structure = refuse
+    lean._cache_transformers_index(again)
+    assert again.define_import_structure(models, prefix="models") == computed
+    with pytest.raises(AssertionError):
+        again.define_import_structure(models / "clip")  # other folders: transformers' own function
