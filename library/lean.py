@@ -1,6 +1,6 @@
 """Keep third-party packages from importing, at start-up, what this run does not use.
 
-Two mechanisms, both set by `block_unused()` at a script's fresh start (library/cli.py) and undone by
+Three mechanisms, all set by `block_unused()` at a script's fresh start (library/cli.py) and undone by
 `unblock_all()`:
 
 1. Blocked packages (UNUSED_AT_START). diffusers (its bitsandbytes quantizer module) and peft (`peft.helpers`)
