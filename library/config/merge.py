@@ -74,7 +74,7 @@ class MergeConfig:
 
 @dataclass
 class LoraEntry:
-    """`[[lora]]`: one kohya-format LoRA merged into model_a (mode lora_merge)."""
+    """`[[lora]]`: one LoRA merged into model_a (mode lora_merge): kohya format, or for SD3 either of its layouts."""
 
     path: str = opt("", "The LoRA .safetensors file (kohya format; SD3: the diffusers/peft or sd-scripts layout).")
     strength: float = opt(1.0, "Multiplier of this LoRA's delta (as <lora:name:strength> in A1111).")
