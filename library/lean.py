@@ -130,12 +130,16 @@ def _cache_transformers_index(import_utils: ModuleType) -> None:
 
         from library.paths import cache_dir
 
-        key = f"transformers-{version('transformers')}-{path.stat().st_mtime_ns}"
+        try:  # no installed metadata (a source checkout on sys.path), no home folder: no cache
+            key = f"transformers-{version('transformers')}-{path.stat().st_mtime_ns}"
+            file = cache_dir() / "lean" / f"{key}.json"
+        except Exception:
+            return real(module_path, prefix)
         if key not in memo:  # transformers runs its __init__.py twice (processing_utils imports it directly)
-            memo[key] = _read_index(cache_dir() / "lean" / f"{key}.json") or _write_index(
-                cache_dir() / "lean" / f"{key}.json", real(module_path, prefix))
+            memo[key] = _read_index(file) or _write_index(file, real(module_path, prefix))
         return memo[key]
 
+    define_import_structure.__wrapped__ = real  # type: ignore[attr-defined]
     import_utils.define_import_structure = define_import_structure
 
 
@@ -143,7 +147,7 @@ def _read_index(path: Path) -> Any:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
         return {frozenset(backends): {m: set(names) for m, names in mods.items()} for backends, mods in rows}
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable, or JSON of another shape
         return None
 
 
@@ -154,7 +158,7 @@ def _write_index(path: Path, index: Any) -> Any:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(rows), encoding="utf-8")
         os.replace(tmp, path)
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError, AttributeError):  # an index of another shape is not cached
         pass
     return index
 

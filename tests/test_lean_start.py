@@ -185,3 +185,34 @@ def test_transformers_index_from_the_cache_is_transformers_own(tmp_path, monkeyp
     assert again.define_import_structure(models, prefix="models") == computed
     with pytest.raises(AssertionError):
         again.define_import_structure(models / "clip")  # other folders: transformers' own function
+
+
+def test_transformers_index_falls_back_to_transformers_on_a_bad_cache_or_no_metadata(tmp_path, monkeypatch):
+    """A cache file of another shape, or a transformers without installed metadata (a source checkout), gives
+    transformers' own index instead of an error at import."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import transformers.utils.import_utils as iu
+
+    monkeypatch.setenv("SDTK_CACHE", str(tmp_path))
+    models = Path(iu.__file__).parent.parent / "models"
+    real = getattr(iu.define_import_structure, "__wrapped__", None) or iu.define_import_structure
+    computed = real(models, prefix="models")
+    key = f"transformers-{importlib.metadata.version('transformers')}-{models.stat().st_mtime_ns}"
+    (tmp_path / "lean").mkdir()
+    (tmp_path / "lean" / f"{key}.json").write_text('["ab"]')  # valid JSON, not an index
+    bad_cache = types.ModuleType("bad_cache")
+    bad_cache.define_import_structure = real
+    lean._cache_transformers_index(bad_cache)
+    assert bad_cache.define_import_structure(models, prefix="models") == computed
+    assert bad_cache.define_import_structure.__wrapped__ is real
+
+    def no_metadata(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    no_meta = types.ModuleType("no_meta")
+    no_meta.define_import_structure = real
+    lean._cache_transformers_index(no_meta)
+    assert no_meta.define_import_structure(models, prefix="models") == computed
