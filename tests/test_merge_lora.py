@@ -1,5 +1,5 @@
 """LoRA modes of merge_models.py on tiny SD1 models: extract (B - A) at full rank, merge it back into A -> B; block
-weights; resize keeps the product at full rank; a LoRA of another family is refused."""
+weights; resize keeps the product at full rank; a LoRA of another family, or an empty one, is refused."""
 
 import pytest
 import torch
@@ -83,3 +83,15 @@ def test_lora_of_other_family_refused(tmp_path, extracted):
     with pytest.raises(ModelFileError, match="no layer in the sdxl model"):
         _run(tmp_path, "x.safetensors", merge={"mode": "lora_merge", "model_a": "tiny:sdxl"},
              lora=[{"path": str(extracted)}])
+
+
+@pytest.mark.parametrize("model, words", [(A, "holds no LoRA modules"), ("tiny:sd3", "holds no tensors")])
+def test_an_empty_lora_file_is_refused_by_name(tmp_path, model, words):
+    """Not merged as nothing (SD1), nor an IndexError (SD3): one message naming the file."""
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    with pytest.raises(ModelFileError, match=rf"empty\.safetensors.*{words}"):
+        _run(tmp_path, "x.safetensors", merge={"mode": "lora_merge", "model_a": model}, lora=[{"path": str(empty)}])
+    assert not (tmp_path / "x.safetensors").exists()

@@ -141,7 +141,10 @@ def merge_loras(cfg: MergeRecipe, recipe_text: str, *, progress: bool = True) ->
         for i, entry in enumerate(cfg.lora):
             weights = parse_block_alphas(entry.block_weights, a.family, 1.0,  # type: ignore[arg-type]
                                          what=f"lora[{i}].block_weights", n_blocks=joint_blocks(a))
-            for _, module, (key, block) in modules_of(Path(entry.path).expanduser()):
+            modules = modules_of(Path(entry.path).expanduser())
+            if not modules:  # merged as nothing, silently, otherwise
+                raise ModelFileError(f"lora[{i}].path = '{entry.path}' holds no LoRA modules (an empty file?)")
+            for _, module, (key, block) in modules:
                 strength = entry.strength * weights[block_slot(key, a.family)]  # type: ignore[arg-type]
                 # Named "m" for lora_tools (a kohya name has no dots; a diffusers / peft one has).
                 plan.setdefault(key, []).append(({f"m.{s}": t for s, t in module.items()}, strength, block))

@@ -83,6 +83,8 @@ def sd_scripts_names(keys: Iterable[str]) -> dict[str, str]:
 
 def layout_of(tensors: Mapping[str, torch.Tensor], path: Path) -> Literal["diffusers", "sd_scripts"]:
     """The layout of an SD3 LoRA file by its keys; a file mixing them, or of neither, is refused by name."""
+    if not tensors:
+        raise ModelFileError(f"{path}: holds no tensors (an empty LoRA file)")
     kohya = [k for k in tensors if k.startswith(tuple(f"{p}_" for p in KOHYA_PREFIX.values()))]
     peft = [k for k in tensors if k.startswith(tuple(f"{p}." for p in DIFFUSERS_PREFIX.values()))]
     if kohya and not peft and len(kohya) == len(tensors):
