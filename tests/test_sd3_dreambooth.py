@@ -81,3 +81,20 @@ def test_a_ddpm_class_sampler_is_refused_by_its_key_before_loading(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: dreambooth.class_sampler = 'ddim': an SD3 model generates its class images with 'euler' "
                    "(FlowMatchEulerDiscreteScheduler); set dreambooth.class_sampler = 'euler'"], err
+
+
+def test_the_class_sampler_check_leaves_other_families_alone(tmp_path):
+    """A DDPM sampler stays allowed for SD1 / SD2 / SDXL, also for a pickle checkpoint without model.family, whose
+    family only loading it tells (the check reads no weights, and refuses only SD3)."""
+    from library.config.dreambooth import DreamBoothConfig
+    from library.config.model import ModelConfig
+    from library.errors import ConfigError
+    from library.training.class_images import check_class_sampler
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not read")
+    db = DreamBoothConfig(class_sampler="ddim")
+    for ref in (str(ckpt), "tiny:sd15"):
+        check_class_sampler(db, ModelConfig(pretrained_model_name_or_path=ref))
+    with pytest.raises(ConfigError, match="dreambooth.class_sampler = 'ddim': an SD3 model"):
+        check_class_sampler(db, ModelConfig(**SD3))

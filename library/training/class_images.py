@@ -321,12 +321,14 @@ def class_size(db: DreamBoothConfig, data, model_cfg) -> tuple[int, int]:
 
 def check_class_sampler(db: DreamBoothConfig, model_cfg) -> None:
     """SD3 (rectified flow) generates with the flow-match Euler scheduler it ships (sample.make_scheduler reads
-    'euler_a' as that Euler): another dreambooth.class_sampler is refused by its key before the model is loaded."""
+    'euler_a' as that Euler): another dreambooth.class_sampler is refused by its key before the model is loaded.
+    peek_sd3 answers None for every other model, a pickle checkpoint without model.family included (peek_model
+    would refuse it: only loading it tells its family)."""
     if db.class_sampler in ("euler", "euler_a"):
         return
-    from library.models.peek import peek_model
+    from library.models.sd3.peek import peek_sd3
 
-    if peek_model(model_cfg).family == "sd3":
+    if peek_sd3(model_cfg) is not None:
         raise ConfigError(f"dreambooth.class_sampler = {db.class_sampler!r}: an SD3 model generates its class images "
                           "with 'euler' (FlowMatchEulerDiscreteScheduler); set dreambooth.class_sampler = 'euler'")
 
