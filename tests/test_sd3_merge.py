@@ -183,6 +183,33 @@ def test_files_without_text_encoders_merge_to_a_file_not_a_folder(tmp_path, inpu
     assert not (tmp_path / "core_dir").exists()
 
 
+def test_a_model_without_t5_writes_and_reads_a_folder_without_it(tmp_path, inputs, tiny_models):
+    """Single files with CLIP but no T5 merge into a diffusers folder without text_encoder_3 / tokenizer_3 (null in
+    model_index.json, as diffusers saves text_encoder_3=None); StableDiffusion3Pipeline loads it when told so, and
+    the folder (an SD3 folder input without T5) reads back as the same single-file tensors."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+
+    no_t5 = tmp_path / "no_t5.safetensors"
+    with safe_open(str(inputs["a_file"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith(km.T5_PREFIX)}, no_t5)
+    config_dir = tiny_models("sd3", 1).config_dir
+    assert (config_dir / "text_encoder_3" / "config.json").is_file()  # left out because the model has no T5
+    out = _run(tmp_path, "no_t5_dir", merge={"model_a": str(no_t5), "model_b": str(no_t5), "alpha": 0.5},
+               output={"config_dir": str(config_dir)})
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None] and index["tokenizer_3"] == [None, None]
+    assert not (out / "text_encoder_3").exists() and not (out / "tokenizer_3").exists()
+    # As for a folder diffusers saves without T5, the pipeline is told so (null components are not optional to it).
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_3 is None and pipe.text_encoder_2 is not None and pipe.transformer is not None
+    got = _tensors(out)
+    want = {k: v for k, v in inputs["A"].items() if not k.startswith(km.T5_PREFIX)}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA modes.
 
