@@ -157,3 +157,14 @@ def test_file_round_trip_and_refusals(base, tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
     with pytest.raises(ModelFileError, match="lacks the diffusers prefixes"):
         sd3_keys.save_sd3_lora(tmp_path / "bad.safetensors", {"unet.x.lora_A.weight": torch.zeros(1)}, {})
+
+
+@pytest.mark.parametrize("module", ["dora", "loha", "lokr"])
+def test_adapters_sd3_files_cannot_hold_are_refused_before_training(base, module):
+    """The SD3 writer holds plain LoRA only: another network_module is refused when the network is planned (a DoRA
+    used to train to the end and fail at the save)."""
+    from library.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"network.network_module = '{module}' is not offered for SD3 \(plain LoRA "
+                                          r"only\).*set network.network_module = 'lora'"):
+        inject_network(copy.deepcopy(base), NetworkConfig(network_dim=4, network_alpha=2.0, network_module=module))

@@ -76,9 +76,11 @@ def plan_sd3(model: Any, cfg: Any, *, train_t5: bool | None = None) -> dict[str,
             cfg.down_lr_weight or cfg.mid_lr_weight or cfg.up_lr_weight:
         raise ConfigError("network: per-block dims, alphas and lr weights follow the UNet's blocks; SD3 has none "
                           "(remove block_dims / block_alphas / *_lr_weight)")
-    if cfg.module not in ("lora", "dora"):
-        raise ConfigError(f"network.network_module = '{cfg.module}' is not offered for SD3 (LoRA or DoRA): neither "
-                          "SD3 loader (diffusers, ComfyUI) reads our LoHa/LoKr layout for MMDiT")
+    if cfg.module != "lora":  # state_dict_sd3 writes plain LoRA only: refused here, not after training
+        raise ConfigError(f"network.network_module = '{cfg.module}' is not offered for SD3 (plain LoRA only): the "
+                          "SD3 LoRA files written (diffusers/peft or sd-scripts layout) hold no DoRA magnitudes, and "
+                          "neither SD3 loader (diffusers, ComfyUI) reads our LoHa/LoKr layout for MMDiT; set "
+                          "network.network_module = 'lora'")
     train_t5 = bool(getattr(cfg, "train_t5xxl", False)) if train_t5 is None else train_t5
     roots: list[tuple[str, nn.Module]] = []
     if not cfg.train_text_encoder_only:
@@ -147,7 +149,7 @@ def sd_scripts_name(config: Mapping[str, Any], component: str, path: str) -> tup
 def _lora_pair(m: Any, adapter: str) -> tuple[nn.Parameter, nn.Parameter]:
     layer = m.layer
     if adapter not in getattr(layer, "lora_A", {}):
-        raise ModelFileError(f"{m.component}.{m.path}: not a LoRA layer (SD3 files hold LoRA / DoRA only)")
+        raise ModelFileError(f"{m.component}.{m.path}: not a LoRA layer (SD3 files hold plain LoRA only)")
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
 
 
