@@ -1,10 +1,12 @@
 """Start-up benchmark: time and peak memory from process start to the end of the first optimizer step.
 
-    python bench/bench_start.py [--repeat 3] [--baseline-tree DIR] [--full sd15,sdxl] [--skip-tiny]
+    python bench/bench_start.py [--repeat 3] [--baseline-tree DIR] [--full sd15,sdxl] [--full-precision bf16]
+        [--skip-tiny]
 
 Tiny run (`tiny:sd15`, the issue 19 settings: LoRA rank 4, batch 2, 64 px, fp32 AdamW, no latent cache, one step),
-as a user starts it (`python train_lora.py ...`), interleaved `--repeat` times with `python -c "import torch"` (the
-floor any PyTorch trainer pays) and an empty interpreter, so machine load hits every variant alike; with
+as a user starts it (`python train_lora.py ...`), interleaved `--repeat` times with `python -c "import torch"`, an
+empty interpreter and the floor of any PyTorch trainer (one AdamW step on a 4x4 linear layer: the step imports
+TorchDynamo), so machine load hits every variant alike; with
 `--baseline-tree` (a checkout of an older commit, e.g. `git worktree add /tmp/base <commit>`) the same run from
 that tree too, so before / after come from one run. Wall seconds, CPU seconds (user + system, less sensitive to
 other processes on a shared machine) and peak RSS of each child; medians.
@@ -59,6 +61,13 @@ log_with = "none"
 progress_bar = false
 """
 ENV = {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+# The least any PyTorch trainer pays before its first step: import torch, one forward / backward of a 4x4 linear
+# layer and one torch.optim.AdamW step. The step imports TorchDynamo (torch/optim/optimizer.py
+# `_use_grad_for_differentiable` calls torch._dynamo.graph_break()), which costs about as much as torch itself.
+FLOOR_NAME = "floor: torch + one AdamW step"
+FLOOR = ("import torch\nm = torch.nn.Linear(4, 4)\nopt = torch.optim.AdamW(m.parameters())\n"
+         "m(torch.randn(2, 4)).sum().backward()\nopt.step()\n")
 
 # The instrumented run: timestamps (seconds since the parent started the child) at each phase boundary, by
 # wrapping the functions that do each phase; the first optimizer step ends at torch's global step post-hook.
@@ -191,7 +200,8 @@ def tiny(tmp: Path, repeat: int, baseline: Path | None) -> dict:
     cfg = write_config(tmp, "tiny", "tiny:sd15")
     run = [sys.executable, "train_lora.py", "--config", str(cfg)]
     variants = {"interpreter": ([sys.executable, "-c", "pass"], REPO), "import torch": (
-        [sys.executable, "-c", "import torch"], REPO), "tiny run": (run, REPO)}
+        [sys.executable, "-c", "import torch"], REPO), FLOOR_NAME: ([sys.executable, "-c", FLOOR], REPO),
+        "tiny run": (run, REPO)}
     if baseline is not None:
         variants["tiny run, baseline tree"] = (run, baseline)
     for args, cwd in variants.values():
@@ -203,9 +213,10 @@ def tiny(tmp: Path, repeat: int, baseline: Path | None) -> dict:
             samples[name].append(child(args, cwd))
     out = {name: summarise(s) for name, s in samples.items()}
     torch_s = out["import torch"]
-    for name in [n for n in out if n.startswith("tiny run")]:
+    for name in [n for n in out if n.startswith("tiny run") or n == FLOOR_NAME]:
         out[name]["over_import_torch_wall"] = round(out[name]["wall_s"] / torch_s["wall_s"], 2)
         out[name]["over_import_torch_cpu"] = round(out[name]["cpu_s"] / torch_s["cpu_s"], 2)
+        out[name]["over_floor_wall"] = round(out[name]["wall_s"] / out[FLOOR_NAME]["wall_s"], 2)
     return out
 
 
@@ -286,9 +297,12 @@ def full(tmp: Path, kinds: list[str], repeat: int, precision: str) -> dict:
         marks: dict[str, list] = {"toolkit": [], "diffusers from_single_file": []}
         for _ in range(repeat):
             for name, args in (("toolkit", ours), ("diffusers from_single_file", theirs)):
+                _read_through(path)  # the file in the page cache for each run alike (writing or reading the other
+                # size's file can have evicted it: a cold read cost one run 10 s more)
                 sample = child(args, env={"BENCH_T0": repr(time.time())})
                 samples[name].append(sample)
                 marks[name].append(_marks(sample[3]))
+            _read_through(path)
             samples[LOAD_ONLY_NAME].append(child(load_only))
         size_mib = path.stat().st_size / 2**20
         res = {name: summarise(s) for name, s in samples.items()}
@@ -302,6 +316,12 @@ def full(tmp: Path, kinds: list[str], repeat: int, precision: str) -> dict:
                      "toolkit_over_diffusers_start": round(res["toolkit"]["start_s"] / ref["start_s"], 2),
                      "toolkit_over_diffusers_wall": round(res["toolkit"]["wall_s"] / ref["wall_s"], 2)}
     return out
+
+
+def _read_through(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
 
 
 def _commit(tree: Path) -> str:
@@ -337,6 +357,11 @@ def main() -> None:
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
     out = REPO / "bench" / "results" / "start.json"
+    if args.skip_tiny and out.is_file():  # keep the tiny sections of the last run that measured them
+        last = json.loads(out.read_text())
+        if "tiny" in last:
+            result.update(tiny_run={"commit": last.get("tiny_run", {}).get("commit", last.get("commit")),
+                                    "load_before": last.get("load_before")}, tiny=last["tiny"], phases=last["phases"])
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
