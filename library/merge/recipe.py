@@ -28,7 +28,7 @@ from library.merge.blocks import block_slot, parse_block_alphas, sd3_blocks_in
 from library.merge.pipeline import run_pipeline
 from library.merge.stream import IN_FLIGHT, RING_MAX_BYTES, WEIGHT_FILES, TensorSource, folder_parts, open_source
 from library.merge.sd3_stream import SD3FolderSink, section_gap
-from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, open_writer
+from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, WriterGroup, open_writer
 from library.models.keymaps import KeyMap, from_ldm
 from library.models import keymaps_clip as kc
 from library.models.families import FAMILIES
@@ -338,7 +338,7 @@ def _config_dir(sources: Sequence[TensorSource], cfg: MergeRecipe) -> Path:
     return bundled_config_for(sources[0].family, sources[0].prediction_type)
 
 
-class DiffusersSink:
+class DiffusersSink(WriterGroup):
     """Writes merged single-file keys into a diffusers folder: configs copied from `config_dir`, each key split back
     into diffusers tensors through the key maps and written into its component's weight file at once."""
 
@@ -392,21 +392,3 @@ class DiffusersSink:
         for k, t in from_ldm({key: tensor}, km).items():
             self.writers[name].write(k, t)
 
-    @property
-    def fsync_s(self) -> float:
-        return sum(w.fsync_s for w in self._opened)
-
-    @property
-    def direct(self) -> bool:
-        return bool(self._opened) and all(w.direct for w in self._opened)
-
-    def buffer(self, key: str) -> None:
-        return None  # keys are split into diffusers tensors on the way: built elsewhere
-
-    def close(self) -> None:
-        for w in self._opened:
-            w.close()
-
-    def abort(self) -> None:
-        for w in self._opened:
-            w.abort()

@@ -20,7 +20,7 @@ import torch
 
 from library.errors import ModelFileError
 from library.merge.tensor_file import Entry, SafetensorsFile, TensorSource, read_json
-from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, open_writer
+from library.merge.writers import DirectSafetensorsWriter, SafetensorsWriter, WriterGroup, open_writer
 from library.models import keymaps as ldm
 from library.models.keymaps_clip import TEXT_MODEL
 from library.models.sd3 import keymaps as km
@@ -137,7 +137,7 @@ def section_gap(a: TensorSource, b: TensorSource) -> str | None:
     return None
 
 
-class SD3FolderSink:
+class SD3FolderSink(WriterGroup):
     """Writes merged SD3 single-file keys into a diffusers folder: configs copied from `config_dir`, each key split
     into its diffusers tensors and written into its component's weight file at once. A merged model without T5
     writes a folder without it (text_encoder_3 / tokenizer_3 null in model_index.json, as diffusers does)."""
@@ -187,25 +187,6 @@ class SD3FolderSink:
         rule, sub = self.rules[key]
         for k, t in rule.from_file(tensor).items():
             self.writers[sub].write(k, t.contiguous())
-
-    @property
-    def fsync_s(self) -> float:
-        return sum(w.fsync_s for w in self._opened)
-
-    @property
-    def direct(self) -> bool:
-        return bool(self._opened) and all(w.direct for w in self._opened)
-
-    def buffer(self, key: str) -> None:
-        return None  # keys are split into diffusers tensors on the way: built elsewhere
-
-    def close(self) -> None:
-        for w in self._opened:
-            w.close()
-
-    def abort(self) -> None:
-        for w in self._opened:
-            w.abort()
 
 
 def _config_rules(config_dir: Path, use_t5: bool) -> list[tuple[str, str, dict[str, tuple[int, ...]], list[FileRule]]]:

@@ -431,3 +431,29 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+class WriterGroup:
+    """The weight files a diffusers-folder output writes (one per component, in `_opened`): timing, direct-I/O
+    state, close and abort over all of them."""
+
+    _opened: list[SafetensorsWriter | DirectSafetensorsWriter]
+
+    @property
+    def fsync_s(self) -> float:
+        return sum(w.fsync_s for w in self._opened)
+
+    @property
+    def direct(self) -> bool:
+        return bool(self._opened) and all(w.direct for w in self._opened)
+
+    def buffer(self, key: str) -> None:
+        return None  # keys are split into diffusers tensors on the way: built elsewhere
+
+    def close(self) -> None:
+        for w in self._opened:
+            w.close()
+
+    def abort(self) -> None:
+        for w in self._opened:
+            w.abort()
