@@ -75,7 +75,7 @@ def load_model(cfg: ModelConfig, *, dtype: torch.dtype | None = torch.float32) -
     return model
 
 
-def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDModel:
+def load_diffusers_folder(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype | None = torch.float32) -> SDModel:
     """Load a diffusers-format pipeline folder (as written by diffusers' `save_pretrained` or `save_diffusers`)."""
     folder = Path(folder)
     from library.models.sd3.load import is_sd3_folder

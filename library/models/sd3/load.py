@@ -46,7 +46,7 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"model.family = '{family}' but the model is an SD3 / SD3.5 model; set 'sd3' or 'auto'")
 
 
-def load_sd3_folder(folder: Path, cfg: Any, *, dtype: torch.dtype = torch.float32) -> SDModel:
+def load_sd3_folder(folder: Path, cfg: Any, *, dtype: torch.dtype | None = torch.float32) -> SDModel:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
