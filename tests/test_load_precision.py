@@ -42,8 +42,23 @@ def test_cast_floating_is_module_to_one_tensor_at_a_time():
     assert b[1].extra.dtype == torch.bfloat16 and "extra" not in sb  # non-persistent stays non-persistent
 
 
-def test_bf16_run_on_an_fp16_model_keeps_frozen_weights_in_16_bits(tmp_path, monkeypatch):
+def test_bf16_run_on_an_fp16_model_keeps_frozen_weights_in_16_bits(tmp_path):
+    """In a forked process whose accelerate state is reset: AcceleratorState is one per process, and an earlier
+    in-process run of this worker may have set another mixed precision."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_bf16_run, args=(tmp_path,))
+    proc.start()
+    proc.join(600)
+    assert proc.exitcode == 0, "the bf16 run's checks failed (traceback above)"
+
+
+def _bf16_run(tmp_path) -> None:
+    from accelerate.state import AcceleratorState
+
     import library.models.load as load
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # this fork's own: the parent's is untouched
 
     loaded_as = []
 
@@ -53,7 +68,7 @@ def test_bf16_run_on_an_fp16_model_keeps_frozen_weights_in_16_bits(tmp_path, mon
         return model
 
     real = load.load_model
-    monkeypatch.setattr(load, "load_model", spy)
+    load.load_model = spy
     stored = build_tiny("sd1", seed=3)
     folder = save_diffusers(stored, tmp_path / "fp16", dtype=torch.float16)
     cfg = write_config(tmp_path / "run.toml", tmp_path / "out", "lora",
