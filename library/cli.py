@@ -7,7 +7,10 @@ import sys
 from typing import Callable
 
 from library.errors import UserError
-from library.lean import block_unused, unblock_all
+from library.lean import block_unused, collect_less_during_start, freeze_for_exit, unblock_all
+
+# Every script imports this module first: its imports run with fewer cyclic collections (library/lean.py, 5).
+collect_less_during_start()
 
 
 def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
@@ -27,5 +30,6 @@ def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
             return 130
         finally:
             unblock_all()  # main() called in-process (tests) leaves the interpreter as it found it
+            freeze_for_exit()
 
     return wrapper

@@ -216,3 +216,116 @@ def test_transformers_index_falls_back_to_transformers_on_a_bad_cache_or_no_meta
     no_meta.define_import_structure = real
     lean._cache_transformers_index(no_meta)
     assert no_meta.define_import_structure(models, prefix="models") == computed
+
+
+def test_packages_distributions_from_the_cache_is_the_standard_librarys(tmp_path, monkeypatch):
+    """The cached answer equals importlib.metadata's; a second call reads it without computing; a changed sys.path
+    folder or a cache file of another shape computes it again."""
+    import importlib.metadata
+
+    monkeypatch.setenv("SDTK_CACHE", str(tmp_path))
+    real = lean._real_packages_distributions
+    expected = real()
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(lean, "_real_packages_distributions", counted)
+    assert lean._cached_packages_distributions() == expected and len(calls) == 1
+    assert lean._cached_packages_distributions() == expected and len(calls) == 1  # from the file
+    (tmp_path / "site").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert lean._cached_packages_distributions() == expected and len(calls) == 2
+    (tmp_path / "site" / "new.dist-info").mkdir()  # an install changes its folder's modification time
+    assert lean._cached_packages_distributions() == expected and len(calls) == 3
+    (tmp_path / "lean" / "packages_distributions.json").write_text('{"sys_path": 1}')
+    assert lean._cached_packages_distributions() == expected and len(calls) == 4
+    assert importlib.metadata.packages_distributions is real  # installed only by block_unused, at a fresh start
+
+
+def test_collect_less_during_start_then_freeze_in_a_script_process_only(monkeypatch):
+    """In a script process the start collects every START_GC_THRESHOLD allocations; start_done freezes what exists,
+    puts the thresholds back and trims the heap; in-process (tests) nothing changes."""
+    import gc
+
+    before, frozen_before = gc.get_threshold(), gc.get_freeze_count()
+    trims = []
+    monkeypatch.setattr(lean, "release_free_heap", lambda: trims.append(1) or True)
+    lean.collect_less_during_start()
+    lean.freeze_for_exit()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen_before and not trims  # not a script
+
+    monkeypatch.setattr(lean, "started_as_script", lambda: True)
+    try:
+        lean.collect_less_during_start()
+        assert gc.get_threshold() == (lean.START_GC_THRESHOLD, *before[1:])
+        lean.start_done()
+        assert gc.get_threshold() == before and gc.get_freeze_count() > frozen_before and trims == [1]
+        lean.start_done()  # once only
+        assert trims == [1]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        lean._threshold_before_start = None
+
+
+def test_a_script_process_frees_the_start_from_collections_and_writes_its_result(tmp_path):
+    """`python train_lora.py` (run here through runpy, as the interpreter runs a script): by the first forward the
+    collector is back at its thresholds and the start's objects are frozen, and the run's LoRA file is whole."""
+    from safetensors.torch import load_file
+
+    cfg = write_config(tmp_path / "run.toml", tmp_path / "out", "lora", train={"max_train_steps": 1})
+    code = textwrap.dedent(f"""
+        import gc, json, runpy, sys
+        import torch
+        before, at_first_forward = gc.get_threshold(), {{}}
+        def first_forward(module, args):  # training has begun: the start is over
+            at_first_forward.setdefault("state", [gc.get_threshold() == before, gc.get_freeze_count()])
+        torch.nn.modules.module.register_module_forward_pre_hook(first_forward)
+        sys.argv = ["train_lora.py", "--config", {str(cfg)!r}, "--save.save_state=false"]
+        try:
+            runpy.run_path("train_lora.py", run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        print(json.dumps({{"exit": code, "same_thresholds": gc.get_threshold() == before,
+                          "frozen": gc.get_freeze_count(), "at_first_forward": at_first_forward["state"]}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["exit"] == 0 and report["same_thresholds"] and report["frozen"] > 100_000, report
+    same_thresholds, frozen = report["at_first_forward"]
+    assert same_thresholds and frozen > 100_000, report  # set back and frozen when the model was loaded
+    assert load_file(tmp_path / "out" / "run.safetensors")  # written whole, loadable
+    plain = subprocess.run([sys.executable, "-c", "from library import lean; print(lean.started_as_script())"],
+                           cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=60)
+    assert plain.stdout.strip() == "False", plain.stderr
+
+
+def test_release_free_heap_hands_free_pages_back():
+    """30 MB freed inside the C heap (a live block after them keeps glibc from trimming the top) stays resident
+    until release_free_heap; then the resident size drops by most of it. A C library without malloc_trim: False."""
+    code = textwrap.dedent("""
+        import sys
+        from library import lean
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        blocks = [b"x" * 60_000 for _ in range(500)]  # above pymalloc's 512 bytes, below malloc's mmap threshold
+        keep = b"y" * 60_000
+        del blocks
+        before = rss()
+        ok = lean.release_free_heap()
+        print(ok, before - rss())
+    """)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/statm")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ok, dropped = proc.stdout.split()
+    if ok == "False":
+        pytest.skip("no malloc_trim in this C library")
+    assert int(dropped) > 20_000_000, dropped

@@ -53,6 +53,7 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
     import torch
 
     from library.data.loader import build_train_data
+    from library.lean import start_done
     from library.diffusion.objective import Objective
     from library.methods.base import DataFacts
     from library.models.load import load_model
@@ -73,6 +74,7 @@ def run_training(cfg: RunConfig, method, *, script: str, cache_only: bool = Fals
         plan = make_plan(cfg, method, script=script)
         torch.manual_seed(cfg.train.seed)
         model = load_model(cfg.model, dtype=dtype)
+    start_done()  # the imports that last the whole run are done (library/lean.py, 5)
     cast_floating_(model.vae, torch.float32)  # the SD/SDXL VAEs overflow in fp16; latent caching comes next
     plan = plan.confirm(model, cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
