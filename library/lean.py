@@ -34,7 +34,8 @@ Mechanisms 1 to 4 are set by `block_unused()` at a script's fresh start (library
    when its utils import (to map import names to distributions), and it reads the file list of every installed
    distribution: 0.19 s of each start on 2 CPU cores with this toolkit's requirements installed. Its answer depends
    only on what is installed on `sys.path`, so it is kept as JSON in the cache folder with the modification times of
-   the `sys.path` folders (installing or removing a package changes its folder's), and recomputed when they differ.
+   the `sys.path` folders (installing or removing a package changes its folder's; the toolkit's own folder is left
+   out), and recomputed when they differ.
 5. The cyclic garbage collector, collecting less while a script starts and frozen once it has (`gc.freeze`: every
    object tracked so far moves to a generation no collection walks). Importing torch, TorchDynamo, diffusers,
    transformers and peft creates ~400k objects that live as long as the process; every collection of the oldest
@@ -194,7 +195,7 @@ _real_packages_distributions = importlib.metadata.packages_distributions
 def _cached_packages_distributions() -> Any:
     """`importlib.metadata.packages_distributions()`, from the cache folder while no `sys.path` folder has changed
     since it was written. Any failure to read or write the cache computes it as the standard library does."""
-    from library.paths import cache_dir
+    from library.paths import REPO_ROOT, cache_dir
 
     def stamp(entry: str) -> int | None:
         try:
@@ -202,7 +203,9 @@ def _cached_packages_distributions() -> Any:
         except OSError:
             return None
 
-    key = [[entry, stamp(entry)] for entry in sys.path]
+    # The toolkit's own folder (a script's sys.path[0]) holds no installed distribution; its time changes with
+    # every file written into it, and each checkout has its own.
+    key = [[entry, stamp(entry)] for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
     file = cache_dir() / "lean" / "packages_distributions.json"
     try:
         cached = json.loads(file.read_text(encoding="utf-8"))

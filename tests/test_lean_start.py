@@ -240,6 +240,10 @@ def test_packages_distributions_from_the_cache_is_the_standard_librarys(tmp_path
     assert lean._cached_packages_distributions() == expected and len(calls) == 2
     (tmp_path / "site" / "new.dist-info").mkdir()  # an install changes its folder's modification time
     assert lean._cached_packages_distributions() == expected and len(calls) == 3
+    from library.paths import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT))  # the toolkit's folder (a script's sys.path[0]): not in the key
+    assert lean._cached_packages_distributions() == expected and len(calls) == 3
     (tmp_path / "lean" / "packages_distributions.json").write_text('{"sys_path": 1}')
     assert lean._cached_packages_distributions() == expected and len(calls) == 4
     assert importlib.metadata.packages_distributions is real  # installed only by block_unused, at a fresh start
