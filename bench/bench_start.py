@@ -73,8 +73,12 @@ FLOOR = ("import torch\nm = torch.nn.Linear(4, 4)\nopt = torch.optim.AdamW(m.par
 # wrapping the functions that do each phase; the first optimizer step ends at torch's global step post-hook.
 PHASES = r"""
 import json, os, sys, time
-T0 = float(os.environ["BENCH_T0"]); marks = {"interpreter": time.time() - T0}; spans = {}
+T0 = float(os.environ["BENCH_T0"]); marks = {"interpreter": time.time() - T0}; spans = {}; mem = {}
 def mark(name): marks.setdefault(name, time.time() - T0)
+def rss_now():  # MiB resident now, and the peak so far
+    import resource
+    return (int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 sys.modules["__main__"].__file__ = os.path.join(os.getcwd(), "train_lora.py")  # a script process, as users start it
 sys.path.insert(0, os.getcwd()); import library.cli  # the script's first import (library/lean.py, 5)
 import torch; mark("import torch")
@@ -103,11 +107,11 @@ import library.training.setup as setup
 timed(setup, "make_accelerator", "accelerator")
 def unet_pre_hook(module, args):  # the first UNet forward of the run: the first step starts
     if type(module).__name__ == "UNet2DConditionModel":
-        mark("first step starts"); handle.remove()
+        mark("first step starts"); handle.remove(); mem["rss_at_step_start"], mem["peak_before_step"] = rss_now()
 handle = torch.nn.modules.module.register_module_forward_pre_hook(unet_pre_hook)
 def first_step(opt, args, kwargs):
     mark("first step done")
-    print("BENCH " + json.dumps({"marks": marks, "spans": spans}), file=sys.stderr, flush=True)
+    print("BENCH " + json.dumps({"marks": marks, "spans": spans, "mem": mem}), file=sys.stderr, flush=True)
     os._exit(0)
 from torch.optim.optimizer import register_optimizer_step_post_hook; register_optimizer_step_post_hook(first_step)
 mark("library imported")
@@ -119,12 +123,15 @@ import runpy; sys.argv = ["train_lora.py", "--config", sys.argv[1]]; runpy.run_p
 # image (VAE encode, text encode, DDPM noise, UNet, MSE).
 DIFFUSERS_STEP = r"""
 import json, os, sys, time
-T0 = float(os.environ["BENCH_T0"]); marks = {{"interpreter": time.time() - T0}}
+T0 = float(os.environ["BENCH_T0"]); marks = {{"interpreter": time.time() - T0}}; mem = {{}}
 import torch
 marks["import torch"] = time.time() - T0
 def unet_pre_hook(module, args):
-    if type(module).__name__ == "UNet2DConditionModel":
-        marks.setdefault("first step starts", time.time() - T0)
+    if type(module).__name__ == "UNet2DConditionModel" and "first step starts" not in marks:
+        import resource
+        marks["first step starts"] = time.time() - T0
+        mem["rss_at_step_start"] = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        mem["peak_before_step"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 torch.nn.modules.module.register_module_forward_pre_hook(unet_pre_hook)
 from diffusers import DDPMScheduler, {pipe}
 from peft import LoraConfig
@@ -156,7 +163,7 @@ with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
     pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb, **extra).sample
 torch.nn.functional.mse_loss(pred.float(), noise.float()).backward(); opt.step()
 marks["first step done"] = time.time() - T0
-print("BENCH " + json.dumps({{"marks": marks}}), file=sys.stderr, flush=True)
+print("BENCH " + json.dumps({{"marks": marks, "mem": mem}}), file=sys.stderr, flush=True)
 """
 
 
@@ -222,14 +229,15 @@ def tiny(tmp: Path, repeat: int, baseline: Path | None) -> dict:
     return out
 
 
-def _marks(stderr: str) -> dict:
-    return json.loads(next(ln for ln in stderr.splitlines() if ln.startswith("BENCH "))[6:])["marks"]
+def _bench_line(stderr: str) -> dict:
+    return json.loads(next(ln for ln in stderr.splitlines() if ln.startswith("BENCH "))[6:])
 
 
 def phases(tmp: Path) -> dict:
     cfg = write_config(tmp, "phases", "tiny:sd15")
     *_, err = child([sys.executable, "-c", PHASES, str(cfg)], env={"BENCH_T0": repr(time.time())})
-    data = json.loads(next(ln for ln in err.splitlines() if ln.startswith("BENCH "))[6:])
+    data = _bench_line(err)
+    data["mem"] = {k: round(v) for k, v in data["mem"].items()}
     data["marks"] = {k: round(v, 3) for k, v in data["marks"].items()}
     data["spans"] = {k: round(v, 3) for k, v in data["spans"].items()}
     *_, err = child([sys.executable, "-X", "importtime", "train_lora.py", "--config", str(cfg)])
@@ -303,14 +311,21 @@ def full(tmp: Path, kinds: list[str], repeat: int, precision: str) -> dict:
                 # size's file can have evicted it: a cold read cost one run 10 s more)
                 sample = child(args, env={"BENCH_T0": repr(time.time())})
                 samples[name].append(sample)
-                marks[name].append(_marks(sample[3]))
+                marks[name].append(_bench_line(sample[3]))
             _read_through(path)
             samples[LOAD_ONLY_NAME].append(child(load_only))
         size_mib = path.stat().st_size / 2**20
         res = {name: summarise(s) for name, s in samples.items()}
-        for name, ms in marks.items():  # start = process start to the first UNet forward; then the step itself
-            res[name]["start_s"] = round(statistics.median(m["first step starts"] for m in ms), 2)
-            res[name]["first_step_done_s"] = round(statistics.median(m["first step done"] for m in ms), 2)
+        for name, lines in marks.items():  # start = process start to the first UNet forward; then the step itself
+            res[name]["start_s"] = round(statistics.median(ln["marks"]["first step starts"] for ln in lines), 2)
+            res[name]["first_step_done_s"] = round(statistics.median(ln["marks"]["first step done"] for ln in lines), 2)
+            # What loading cost (the peak before the UNet's first forward) and what the step added on top of it
+            # (activations, gradients, optimizer state: the peak less the resident size when the step began).
+            before = statistics.median(ln["mem"]["peak_before_step"] for ln in lines)
+            res[name]["peak_rss_before_step_mib"] = round(before)
+            res[name]["peak_rss_before_step_over_file"] = round(before / size_mib, 2)
+            res[name]["step_rss_mib"] = round(res[name]["peak_rss_mib"] - statistics.median(
+                ln["mem"]["rss_at_step_start"] for ln in lines))
         for r in res.values():
             r["peak_rss_over_file"] = round(r["peak_rss_mib"] / size_mib, 2)
         ref = res["diffusers from_single_file"]
