@@ -343,7 +343,8 @@ def _read_through(path: Path) -> None:
 
 def _commit(tree: Path) -> str:
     proc = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!bench/results"],  # the results this benchmark writes are not a change to the code
                            capture_output=True, text=True).stdout.strip()
     return proc.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
