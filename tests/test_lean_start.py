@@ -286,7 +286,8 @@ def test_a_script_process_frees_the_start_from_collections_and_writes_its_result
         import torch
         before, at_first_forward = gc.get_threshold(), {{}}
         def first_forward(module, args):  # training has begun: the start is over
-            at_first_forward.setdefault("state", [gc.get_threshold() == before, gc.get_freeze_count()])
+            if not at_first_forward:  # (get_freeze_count walks the frozen objects: once only)
+                at_first_forward["state"] = [gc.get_threshold() == before, gc.get_freeze_count()]
         torch.nn.modules.module.register_module_forward_pre_hook(first_forward)
         sys.argv = ["train_lora.py", "--config", {str(cfg)!r}, "--save.save_state=false"]
         try:
