@@ -71,14 +71,17 @@ FLOOR = ("import torch\nm = torch.nn.Linear(4, 4)\nopt = torch.optim.AdamW(m.par
 
 # The instrumented run: timestamps (seconds since the parent started the child) at each phase boundary, by
 # wrapping the functions that do each phase; the first optimizer step ends at torch's global step post-hook.
-PHASES = r"""
+# Both instrumented children: MiB resident now, and the peak so far.
+RSS_NOW = r"""
+def rss_now():
+    import os, resource
+    return (int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+PHASES = RSS_NOW + r"""
 import json, os, sys, time
 T0 = float(os.environ["BENCH_T0"]); marks = {"interpreter": time.time() - T0}; spans = {}; mem = {}
 def mark(name): marks.setdefault(name, time.time() - T0)
-def rss_now():  # MiB resident now, and the peak so far
-    import resource
-    return (int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20,
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 sys.modules["__main__"].__file__ = os.path.join(os.getcwd(), "train_lora.py")  # a script process, as users start it
 sys.path.insert(0, os.getcwd()); import library.cli  # the script's first import (library/lean.py, 5)
 import torch; mark("import torch")
@@ -121,17 +124,15 @@ import runpy; sys.argv = ["train_lora.py", "--config", sys.argv[1]]; runpy.run_p
 # diffusers' own path to the same first step: from_single_file with the bundled config folder, peft LoRA on the
 # UNet's attention projections (what diffusers' train_text_to_image_lora.py targets), one AdamW step on one 64 px
 # image (VAE encode, text encode, DDPM noise, UNet, MSE).
-DIFFUSERS_STEP = r"""
+DIFFUSERS_STEP = RSS_NOW + r"""
 import json, os, sys, time
 T0 = float(os.environ["BENCH_T0"]); marks = {{"interpreter": time.time() - T0}}; mem = {{}}
 import torch
 marks["import torch"] = time.time() - T0
 def unet_pre_hook(module, args):
     if type(module).__name__ == "UNet2DConditionModel" and "first step starts" not in marks:
-        import resource
         marks["first step starts"] = time.time() - T0
-        mem["rss_at_step_start"] = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        mem["peak_before_step"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        mem["rss_at_step_start"], mem["peak_before_step"] = rss_now()
 torch.nn.modules.module.register_module_forward_pre_hook(unet_pre_hook)
 from diffusers import DDPMScheduler, {pipe}
 from peft import LoraConfig
@@ -319,12 +320,13 @@ def full(tmp: Path, kinds: list[str], repeat: int, precision: str) -> dict:
         for name, lines in marks.items():  # start = process start to the first UNet forward; then the step itself
             res[name]["start_s"] = round(statistics.median(ln["marks"]["first step starts"] for ln in lines), 2)
             res[name]["first_step_done_s"] = round(statistics.median(ln["marks"]["first step done"] for ln in lines), 2)
-            # What loading cost (the peak before the UNet's first forward) and what the step added on top of it
-            # (activations, gradients, optimizer state: the peak less the resident size when the step began).
+            # What loading cost (the peak before the UNet's first forward) and, at most, what the step itself held
+            # (activations, gradients, optimizer state): the run's peak less the resident size when the step began
+            # (where the peak came before the step, this bounds the step's need from above).
             before = statistics.median(ln["mem"]["peak_before_step"] for ln in lines)
             res[name]["peak_rss_before_step_mib"] = round(before)
             res[name]["peak_rss_before_step_over_file"] = round(before / size_mib, 2)
-            res[name]["step_rss_mib"] = round(res[name]["peak_rss_mib"] - statistics.median(
+            res[name]["step_rss_at_most_mib"] = round(res[name]["peak_rss_mib"] - statistics.median(
                 ln["mem"]["rss_at_step_start"] for ln in lines))
         for r in res.values():
             r["peak_rss_over_file"] = round(r["peak_rss_mib"] / size_mib, 2)

@@ -176,13 +176,21 @@ def _read_index(path: Path) -> Any:
 def _write_index(path: Path, index: Any) -> Any:
     try:
         rows = [[sorted(b), {m: sorted(n) for m, n in mods.items()}] for b, mods in index.items()]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(rows), encoding="utf-8")
-        os.replace(tmp, path)
-    except (OSError, TypeError, ValueError, AttributeError):  # an index of another shape is not cached
-        pass
+    except (TypeError, AttributeError):  # an index of another shape is not cached
+        return index
+    _write_cache(path, rows)
     return index
+
+
+def _write_cache(path: Path, data: Any) -> None:
+    """`data` as JSON at `path`, atomically (library/fileio.py); a cache that cannot be written is simply not kept."""
+    from library.errors import UserError
+    from library.fileio import write_text_atomic
+
+    try:
+        write_text_atomic(path, json.dumps(data))
+    except (OSError, UserError, TypeError, ValueError):  # no space, read-only cache folder, not JSON-able
+        pass
 
 
 # Modules patched right after they execute (before anything can call them).
@@ -214,13 +222,7 @@ def _cached_packages_distributions() -> Any:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none yet, unreadable, another shape
         pass
     packages = _real_packages_distributions()
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sys_path": key, "packages": packages}), encoding="utf-8")
-        os.replace(tmp, file)
-    except (OSError, TypeError, ValueError):
-        pass
+    _write_cache(file, {"sys_path": key, "packages": packages})
     return packages
 
 
@@ -282,23 +284,25 @@ def collect_less_during_start() -> None:
 def start_done() -> None:
     """After the model is loaded, in a script process: freeze every object the start made (no collection walks them
     again), collect as usual from here on, and hand the heap's free pages back to the system."""
-    global _threshold_before_start
     if _threshold_before_start is not None:
         gc.collect()  # nothing unreachable is frozen (a reference cycle frozen would hold its tensors to the end)
         gc.freeze()
-        gc.set_threshold(*_threshold_before_start)
-        _threshold_before_start = None
+        _restore_thresholds()
         release_free_heap()
 
 
 def freeze_for_exit() -> None:
     """At the end of a script process's main(): the interpreter's final collections skip what exists now."""
-    global _threshold_before_start
-    if _threshold_before_start is not None:  # a script that loaded no model (merge, check_dataset)
-        gc.set_threshold(*_threshold_before_start)
-        _threshold_before_start = None
+    _restore_thresholds()  # a script that loaded no model (merge, check_dataset): its start ends here
     if started_as_script():
         gc.freeze()
+
+
+def _restore_thresholds() -> None:
+    global _threshold_before_start
+    if _threshold_before_start is not None:
+        gc.set_threshold(*_threshold_before_start)
+        _threshold_before_start = None
 
 
 def release_free_heap() -> bool:
